@@ -1,0 +1,40 @@
+"""spry_jax: Spry (memory-efficient federated fine-tuning with forward gradients) in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="spry_jax",
+    version="0.1.0",
+    description="Spry: weight-split forward-gradient federated fine-tuning of language models, in JAX.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["spry_jax", "spry_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "transformers>=4.45",
+        "datasets>=3.0",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "gguf>=0.10",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "torch==2.13.0",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+        ],
+    },
+)
