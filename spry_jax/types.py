@@ -1,0 +1,79 @@
+"""Types shared across the package boundary: model parts and packed client batches.
+
+These are the only things the round program knows about models and data:
+
+* A model is reduced to :class:`SplitModel` -- a pure ``apply_fn`` plus a flat dict of
+  trainable arrays (the PEFT weights and the task head) and an opaque frozen pytree.
+* Data for a round is a dict of arrays with a leading ``[clients, steps, batch]`` prefix
+  (see :data:`BATCH_KEYS`), plus ``step_mask`` ``[clients, steps]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+
+Array = jax.Array
+PyTree = Any
+Trainable = dict[str, Array]  # flat "path/to/leaf" -> array
+Batch = dict[str, Array]
+
+
+class ApplyFn(Protocol):
+    def __call__(
+        self,
+        trainable: Trainable,
+        frozen: PyTree,
+        input_ids: Array,
+        attention_mask: Array,
+        dropout_rng: Array | None = None,
+    ) -> Array: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitModel:
+    """A model split at the functional boundary.
+
+    Attributes:
+      apply_fn: pure ``(trainable, frozen, input_ids, attention_mask, dropout_rng) -> logits``;
+        ``dropout_rng=None`` means deterministic (evaluation).
+      trainable: flat dict of the trainable leaves (PEFT weights and task head).
+      frozen: everything else (the frozen base), any pytree.
+      order: the keys of ``trainable`` in model order (layer index numerically, attention
+        before MLP, query before value, LoRA A before B, task head last). Units are
+        consecutive chunks of this order.
+      head_keys: the keys of the task head (a subset of ``order``), used by
+        ``classifier_share``.
+      task: "classification", "qa" or "causal_lm".
+      num_labels: number of classes for classification.
+    """
+
+    apply_fn: Callable[..., Array]
+    trainable: Trainable
+    frozen: PyTree
+    order: tuple[str, ...]
+    head_keys: tuple[str, ...]
+    task: str = "classification"
+    num_labels: int = 2
+
+
+# Keys of a packed batch. Every leaf has a leading [clients, steps, batch] prefix in a round.
+#   input_ids       int32 [..., seq]
+#   attention_mask  int32 [..., seq]   1 = real token
+#   labels          int32 [...]        classification label (or [..., seq] for causal_lm, -100 = ignore)
+#   start_positions int32 [...]        QA only
+#   end_positions   int32 [...]        QA only
+#   example_mask    float32 [...]      1 = real example, 0 = padding example
+# and, outside the per-example leaves:
+#   step_mask       float32 [clients, steps]  1 = a real local step
+BATCH_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "start_positions",
+    "end_positions",
+    "example_mask",
+)
