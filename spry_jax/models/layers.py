@@ -1,0 +1,271 @@
+"""Building blocks shared by every architecture: Linear (with PEFT slots and a quantised base),
+Embedding, LayerNorm, RMSNorm, dropout with explicit keys, activations and plain XLA attention.
+
+Conventions (both the encoders and the decoders follow them):
+
+* Kernels are ``[in, out]`` (transposed from torch's ``[out, in]``); loading transposes.
+* Frozen weights are ``nnx.Param`` (float) or :class:`QuantizedWeight` (int8/int4 storage);
+  trainable PEFT leaves are :class:`nnx.LoRAParam` (LoRA A/B) and :class:`IA3Param`. Which
+  leaves train is decided by a filter in :mod:`spry_jax.models.peft`, never by the layer.
+* Dropout is pure: every ``__call__`` that drops takes ``dropout_rng: jax.Array | None``;
+  ``None`` means deterministic. Callers derive per-layer keys with ``jax.random.fold_in``.
+* Computation runs in the activation dtype (the dtype of ``x``); norms and softmax in float32.
+* Everything is jvp-safe: no custom kernels, only XLA ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spry_jax.models import quant as quant_lib
+
+Array = jax.Array
+
+
+_DEFAULT_INIT = jax.nn.initializers.normal(0.02)
+
+
+class QuantizedWeight(nnx.Variable):
+    """Frozen quantised storage (int8 / packed int4 values and their float32 scales)."""
+
+
+class IA3Param(nnx.Param):
+    """An IA3 scaling vector (trainable under the "ia3" PEFT method)."""
+
+
+def dropout(x: Array, rate: float, rng: Array | None) -> Array:
+    """Inverted dropout with an explicit key; identity when ``rng`` is None or ``rate`` is 0."""
+    if rng is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def fold_rng(rng: Array | None, *ids: int) -> Array | None:
+    """``fold_in`` each id into ``rng`` (None passes through), giving every layer its own key."""
+    if rng is None:
+        return None
+    for i in ids:
+        rng = jax.random.fold_in(rng, i)
+    return rng
+
+
+ACT2FN: dict[str, Callable[[Array], Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    """The activation function transformers calls ``name`` (``hidden_act`` in HF configs)."""
+    if name not in ACT2FN:
+        raise ValueError(f"hidden_act={name!r} is not supported; use one of {sorted(ACT2FN)}.")
+    return ACT2FN[name]
+
+
+class Linear(nnx.Module):
+    """``y = x @ W + b`` with a frozen (optionally quantised) base and optional PEFT slots.
+
+    Attributes:
+      kernel: ``[in, out]``; ``nnx.Param`` in ``dtype`` for quant="none", else
+        :class:`QuantizedWeight` (int8 ``[in, out]`` or packed uint8 ``[in/2, out]``).
+      kernel_scale: :class:`QuantizedWeight` float32 scales (None when not quantised).
+      bias: ``nnx.Param [out]`` or None.
+      lora_a, lora_b: ``nnx.LoRAParam`` ``[in, r]`` and ``[r, out]`` once :meth:`add_lora` ran.
+      ia3: :class:`IA3Param` ``[out]`` (scales the output) or ``[in]`` (scales the input, for the
+        FFN down-projection) once :meth:`add_ia3` ran.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        dtype=jnp.float32,
+        quant: str = "none",
+        group_size: int = quant_lib.DEFAULT_INT4_GROUP,
+        kernel_init: Callable = _DEFAULT_INIT,
+        rngs: nnx.Rngs,
+    ):
+        quant_lib.check_quant(quant)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = jnp.dtype(dtype)
+        self.quant = quant
+        self.group_size = group_size
+        w = kernel_init(rngs.params(), (in_features, out_features), jnp.float32)
+        if quant == "none":
+            self.kernel = nnx.Param(w.astype(self.dtype))
+            self.kernel_scale = nnx.data(None)
+        else:
+            q, s = quant_lib.quantize(w, quant, group_size)
+            self.kernel = QuantizedWeight(q)
+            self.kernel_scale = QuantizedWeight(s)
+        self.bias = nnx.Param(jnp.zeros((out_features,), self.dtype)) if use_bias else None
+        self.lora_a = nnx.data(None)
+        self.lora_b = nnx.data(None)
+        self.lora_scale = 1.0
+        self.lora_dropout = 0.0
+        self.ia3 = nnx.data(None)
+        self.ia3_on_input = False
+
+    def add_lora(self, rank: int, alpha: float, dropout_rate: float, key: Array) -> None:
+        """Adds LoRA A ``[in, r]`` ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt 5))
+        and B ``[r, out]`` = 0, so the adapted layer starts equal to the base; scale alpha / r."""
+        if rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {rank}.")
+        bound = 1.0 / math.sqrt(self.in_features)
+        a = jax.random.uniform(key, (self.in_features, rank), jnp.float32, -bound, bound)
+        self.lora_a = nnx.LoRAParam(a)
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, self.out_features), jnp.float32))
+        self.lora_scale = float(alpha) / float(rank)
+        self.lora_dropout = float(dropout_rate)
+
+    def add_ia3(self, on_input: bool) -> None:
+        """Adds an IA3 vector of ones: on the input (FFN down-projection) or on the output."""
+        n = self.in_features if on_input else self.out_features
+        self.ia3 = IA3Param(jnp.ones((n,), jnp.float32))
+        self.ia3_on_input = bool(on_input)
+
+    def weight(self, dtype) -> Array:
+        """The base kernel ``[in, out]`` dequantised to ``dtype`` (a per-call temporary)."""
+        scale = None if self.kernel_scale is None else self.kernel_scale[...]
+        return quant_lib.dequantize(self.kernel[...], scale, self.quant, dtype)
+
+    def __call__(self, x: Array, *, dropout_rng: Array | None = None) -> Array:
+        """Applies the layer; ``dropout_rng`` drives LoRA dropout (None = deterministic)."""
+        dt = x.dtype
+        x_in = x * self.ia3[...].astype(dt) if self.ia3 is not None and self.ia3_on_input else x
+        y = jnp.matmul(x_in, self.weight(dt))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dt)
+        if self.lora_a is not None:
+            h = dropout(x, self.lora_dropout, dropout_rng).astype(jnp.float32)
+            delta = (h @ self.lora_a[...]) @ self.lora_b[...]
+            y = y + (delta * self.lora_scale).astype(dt)
+        if self.ia3 is not None and not self.ia3_on_input:
+            y = y * self.ia3[...].astype(dt)
+        return y
+
+
+class Embedding(nnx.Module):
+    """A frozen lookup table ``[num_embeddings, features]``."""
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(0.02)
+        self.num_embeddings = num_embeddings
+        self.features = features
+        self.embedding = nnx.Param(
+            init(rngs.params(), (num_embeddings, features), jnp.float32).astype(dtype)
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, x: Array) -> Array:
+        """``x @ E^T``: logits over the vocabulary with tied embeddings."""
+        return jnp.matmul(x, self.embedding[...].astype(x.dtype).T)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, computed in float32 and returned in the input dtype."""
+
+    def __init__(
+        self, features: int, *, eps: float = 1e-12, use_bias: bool = True, dtype=jnp.float32
+    ):
+        self.eps = float(eps)
+        self.scale = nnx.Param(jnp.ones((features,), dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), dtype)) if use_bias else None
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Llama's RMSNorm: normalise in float32, cast back, then multiply by the weight."""
+
+    def __init__(self, features: int, *, eps: float = 1e-6, dtype=jnp.float32):
+        self.eps = float(eps)
+        self.scale = nnx.Param(jnp.ones((features,), dtype))
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return (self.scale[...].astype(x.dtype) * y).astype(x.dtype)
+
+
+def make_attention_mask(
+    attention_mask: Array, *, causal: bool = False, query_len: int | None = None
+) -> Array:
+    """A boolean "may attend" mask ``[batch, 1, query, key]`` from a ``[batch, key]`` 0/1 mask.
+
+    With ``causal``, query i sees keys <= i (queries are the last ``query_len`` positions).
+    """
+    mask = attention_mask.astype(bool)[:, None, None, :]
+    k = attention_mask.shape[-1]
+    q = k if query_len is None else query_len
+    mask = jnp.broadcast_to(mask, (attention_mask.shape[0], 1, q, k))
+    if causal:
+        qi = jnp.arange(q)[:, None] + (k - q)
+        ki = jnp.arange(k)[None, :]
+        mask = mask & (ki <= qi)[None, None]
+    return mask
+
+
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array,
+    *,
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+) -> Array:
+    """Plain XLA attention (jvp-safe), with grouped-query attention.
+
+    Args:
+      q: ``[batch, q_len, heads, head_dim]``.
+      k, v: ``[batch, k_len, kv_heads, head_dim]``; ``heads`` must be a multiple of ``kv_heads``.
+      mask: boolean ``[batch, 1 or heads, q_len, k_len]`` (True = may attend), e.g. from
+        :func:`make_attention_mask`. Masked scores are set to the float32 minimum (as
+        transformers does), so fully masked rows give a uniform distribution, never NaN.
+      scale: score scale; default ``1 / sqrt(head_dim)``.
+      dropout_rate, dropout_rng: dropout on the attention probabilities.
+
+    Returns:
+      ``[batch, q_len, heads, head_dim]`` in the dtype of ``q``.
+    """
+    b, tq, h, d = q.shape
+    hkv = k.shape[2]
+    if h % hkv:
+        raise ValueError(f"num_attention_heads={h} is not a multiple of num_key_value_heads={hkv}.")
+    if h != hkv:
+        k = jnp.repeat(k, h // hkv, axis=2)
+        v = jnp.repeat(v, h // hkv, axis=2)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    probs = dropout(probs, dropout_rate, dropout_rng)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
