@@ -1,0 +1,426 @@
+"""One federated round as one XLA program.
+
+``round_fn(server_state, frozen, client_batches, key=None) -> (server_state, metrics)``:
+
+1. deal units to the round's clients (a seeded slot shuffle, :mod:`spry_jax.core.units`) and
+   turn the assignment into per-client masks;
+2. run every client's local update, ``jax.vmap`` over the client axis, the client axis sharded
+   over the mesh axis ``'clients'`` with ``jax.shard_map`` (padded slots carry zero weight);
+3. aggregate per unit (example-weighted mean over the clients that trained it, a ``psum``);
+4. apply the server optimizer to the pseudo-gradient ``-delta``.
+
+Backends (``round.backend``): ``shard_map`` (one program over all devices; the default),
+``vmap`` (one program, one device), ``loop`` (a Python loop calling the *jitted* client update,
+as fedjax's jit backend -- the fair speed baseline) and ``debug`` (a Python loop with
+``jax.disable_jit()``, for pdb and prints). All give the same numbers.
+
+``comm_mode='per_iteration'`` (Spry §3.2): every local step each client sends only its K jvp
+scalars; the server regenerates the tangents from (round key, client, step), rebuilds each unit's
+gradient averaged over the unit's clients and steps one shared optimizer. Clients therefore stay
+synchronised every step; the round's net change then goes through the server optimizer like a
+per-epoch delta.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from spry_jax.core import aggregation
+from spry_jax.core import units as units_lib
+from spry_jax.core.client import LossFn, make_client_update, step_keys
+from spry_jax.core.estimators import Estimator, reconstruct_gradient
+from spry_jax.types import Array, Batch, PyTree, Trainable
+
+CLIENT_AXIS = "clients"
+BACKENDS = ("shard_map", "vmap", "loop", "debug")
+COMM_MODES = ("per_epoch", "per_iteration")
+
+
+class ServerState(NamedTuple):
+    """State that crosses rounds (a pytree).
+
+    Attributes:
+      params: the global trainable weights.
+      opt_state: the server optimizer's state.
+      round: the index of the next round (int32 scalar).
+      rng: the base PRNG key; round r uses ``fold_in(rng, r)``.
+    """
+
+    params: Trainable
+    opt_state: optax.OptState
+    round: Array
+    rng: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundSpec:
+    """Everything static about a round program.
+
+    Attributes:
+      loss_fn: ``loss_fn(trainable, frozen, batch, dropout_rng) -> scalar``.
+      estimator: the gradient estimator (:mod:`spry_jax.core.estimators`).
+      client_optimizer: fresh each round (per-iteration mode: the server's per-step optimizer).
+      server_optimizer: applied to ``-delta`` once per round.
+      units: unit grouping of the trainable leaves.
+      split: True for Spry's weight split; False = every client trains every leaf.
+      clients_per_round: M, the real clients of a round.
+      num_slots: client slots in the program (M padded to a multiple of the device count).
+      comm_mode: ``per_epoch`` or ``per_iteration``.
+      backend: one of :data:`BACKENDS`.
+      mesh: the device mesh with axis ``'clients'`` (``shard_map`` backend).
+      fwd_sigma: tangent standard deviation, needed to regenerate tangents (per-iteration).
+    """
+
+    loss_fn: LossFn
+    estimator: Estimator
+    client_optimizer: optax.GradientTransformation
+    server_optimizer: optax.GradientTransformation
+    units: units_lib.Units
+    split: bool
+    clients_per_round: int
+    num_slots: int
+    comm_mode: str = "per_epoch"
+    backend: str = "shard_map"
+    mesh: Mesh | None = None
+    fwd_sigma: float | None = None
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"round.backend={self.backend!r}; choose one of {BACKENDS}.")
+        if self.comm_mode not in COMM_MODES:
+            raise ValueError(f"comm_mode={self.comm_mode!r}; choose one of {COMM_MODES}.")
+        if self.num_slots < self.clients_per_round:
+            raise ValueError("num_slots must be >= clients_per_round.")
+        if self.comm_mode == "per_iteration" and self.fwd_sigma is None:
+            raise ValueError(
+                "comm_mode='per_iteration' needs a forward-gradient method (the clients send jvp "
+                "scalars); use comm_mode='per_epoch' for this method."
+            )
+        if self.backend == "shard_map":
+            if self.mesh is None:
+                raise ValueError("backend 'shard_map' needs a mesh (see make_client_mesh).")
+            if self.num_slots % self.mesh.shape[CLIENT_AXIS]:
+                raise ValueError(
+                    f"num_slots={self.num_slots} must be a multiple of the {CLIENT_AXIS!r} mesh "
+                    f"axis size {self.mesh.shape[CLIENT_AXIS]}."
+                )
+
+
+def make_client_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D mesh over (the first ``num_devices``) devices with axis ``'clients'``."""
+    devices = jax.devices()
+    n = len(devices) if num_devices is None else num_devices
+    if not 1 <= n <= len(devices):
+        raise ValueError(f"round.num_devices={n} but {len(devices)} devices are visible.")
+    return Mesh(np.array(devices[:n]), (CLIENT_AXIS,))
+
+
+def padded_slots(clients_per_round: int, num_devices: int) -> int:
+    """M rounded up to a multiple of the device count."""
+    return -(-clients_per_round // num_devices) * num_devices
+
+
+def init_server_state(
+    params: Trainable, server_optimizer: optax.GradientTransformation, seed: int
+) -> ServerState:
+    """The state before round 0."""
+    return ServerState(
+        params=params,
+        opt_state=server_optimizer.init(params),
+        round=jnp.zeros((), jnp.int32),
+        rng=jax.random.PRNGKey(seed),
+    )
+
+
+def _masks_and_keys(spec: RoundSpec, round_key: Array) -> tuple[Trainable, Array]:
+    assign_key, clients_key = jax.random.fold_in(round_key, 0), jax.random.fold_in(round_key, 1)
+    if spec.split:
+        assignment = units_lib.assign_units(
+            assign_key, spec.clients_per_round, spec.units.num_units, spec.num_slots
+        )
+        masks = units_lib.unit_masks(spec.units, assignment)
+    else:
+        masks = units_lib.full_masks(spec.units, spec.clients_per_round, spec.num_slots)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(clients_key, jnp.arange(spec.num_slots))
+    return masks, keys
+
+
+def _tree_sum0(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
+
+
+def _psum(tree: PyTree, axis: str | None) -> PyTree:
+    return jax.lax.psum(tree, axis) if axis else tree
+
+
+# --------------------------------------------------------------------------------------------
+# per-epoch
+# --------------------------------------------------------------------------------------------
+
+
+def _per_epoch_contrib(spec: RoundSpec) -> Callable[..., tuple]:
+    client_update = make_client_update(spec.loss_fn, spec.estimator, spec.client_optimizer)
+
+    def contrib(params, frozen, mask, batches, step_mask, key):
+        res = client_update(params, frozen, mask, batches, step_mask, key)
+        num, den = aggregation.weighted_sums(res.delta, mask, res.num_examples)
+        real = (jnp.sum(step_mask) > 0).astype(jnp.float32)
+        stats = {
+            "loss_num": res.num_examples * res.loss,
+            "examples": res.num_examples,
+            "steps": res.num_steps,
+            "clients": real,
+        }
+        trainers = {k: real * m for k, m in mask.items()}
+        return num, den, stats, trainers
+
+    return contrib
+
+
+def _per_epoch_program(spec: RoundSpec, axis: str | None) -> Callable[..., tuple]:
+    contrib = jax.vmap(_per_epoch_contrib(spec), in_axes=(None, None, 0, 0, 0, 0))
+
+    def body(params, frozen, masks, batches, step_mask, keys):
+        return _psum(_tree_sum0(contrib(params, frozen, masks, batches, step_mask, keys)), axis)
+
+    return body
+
+
+def _per_epoch_loop(spec: RoundSpec, jit: bool) -> Callable[..., tuple]:
+    contrib = _per_epoch_contrib(spec)
+    if jit:
+        contrib = jax.jit(contrib)
+
+    def body(params, frozen, masks, batches, step_mask, keys):
+        total = None
+        for c in range(spec.num_slots):
+            take = lambda t, c=c: jax.tree.map(lambda x: x[c], t)  # noqa: E731
+            out = contrib(params, frozen, take(masks), take(batches), step_mask[c], keys[c])
+            total = out if total is None else jax.tree.map(jnp.add, total, out)
+        return total
+
+    return body
+
+
+# --------------------------------------------------------------------------------------------
+# per-iteration
+# --------------------------------------------------------------------------------------------
+
+
+def _client_jvps(spec: RoundSpec):
+    """Client side of one per-iteration step: returns only (loss, K jvp scalars)."""
+
+    def client(params, frozen, mask, batch, key, step):
+        drop_key, est_key = step_keys(key, step)
+        est = spec.estimator(
+            lambda w: spec.loss_fn(w, frozen, batch, drop_key), params, mask, est_key
+        )
+        return est.loss, est.jvps
+
+    return client
+
+
+def _server_contrib(spec: RoundSpec):
+    """Server side: regenerate one client's tangents from its key and weight its gradient."""
+
+    def server(params, mask, key, step, jvps, weight):
+        _, est_key = step_keys(key, step)
+        grad = reconstruct_gradient(est_key, params, mask, jvps, spec.fwd_sigma)
+        return aggregation.weighted_sums(grad, mask, weight)
+
+    return server
+
+
+def _server_step(spec: RoundSpec, p, opt_state, num, den):
+    grad = aggregation.finalize(num, den)
+    updates, new_state = spec.client_optimizer.update(grad, opt_state, p)
+    new_p = {k: p[k] + jnp.where(den[k] > 0, updates[k], 0.0).astype(p[k].dtype) for k in p}
+    return new_p, new_state
+
+
+def _per_iteration_program(spec: RoundSpec, axis: str | None) -> Callable[..., tuple]:
+    client = jax.vmap(_client_jvps(spec), in_axes=(None, None, 0, 0, 0, None))
+    server = jax.vmap(_server_contrib(spec), in_axes=(None, 0, 0, None, 0, 0))
+
+    def body(params, frozen, masks, batches, step_mask, keys):
+        steps_first = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batches)
+
+        def step(carry, xs):
+            p, opt_state, stats = carry
+            batch, valid, s = xs
+            losses, jvps = client(p, frozen, masks, batch, keys, s)
+            weight = valid * jnp.sum(batch["example_mask"], axis=-1)
+            num, den = _tree_sum0(server(p, masks, keys, s, jvps, weight))
+            step_stats = {
+                "loss_num": jnp.sum(weight * losses),
+                "examples": jnp.sum(weight),
+                "active": jnp.sum(valid),
+            }
+            num, den, step_stats = _psum((num, den, step_stats), axis)
+            p, opt_state = _server_step(spec, p, opt_state, num, den)
+            stats = {
+                "loss_num": stats["loss_num"] + step_stats["loss_num"],
+                "examples": stats["examples"] + step_stats["examples"],
+                "steps": stats["steps"] + step_stats["active"],
+                "active_sq": stats["active_sq"] + step_stats["active"] ** 2,
+            }
+            return (p, opt_state, stats), None
+
+        zero = jnp.zeros((), jnp.float32)
+        stats0 = {"loss_num": zero, "examples": zero, "steps": zero, "active_sq": zero}
+        num_steps = step_mask.shape[1]
+        xs = (steps_first, jnp.swapaxes(step_mask, 0, 1), jnp.arange(num_steps))
+        init = (params, spec.client_optimizer.init(params), stats0)
+        (p_final, _, stats), _ = jax.lax.scan(step, init, xs)
+        real = (jnp.sum(step_mask, axis=1) > 0).astype(jnp.float32)
+        trainers = {k: jnp.sum(real * m) for k, m in masks.items()}
+        # The step statistics were already summed over devices inside the scan.
+        stats["clients"], trainers = _psum((jnp.sum(real), trainers), axis)
+        delta = {k: p_final[k] - params[k] for k in params}
+        return delta, stats, trainers
+
+    return body
+
+
+def _per_iteration_loop(spec: RoundSpec) -> Callable[..., tuple]:
+    client = _client_jvps(spec)
+    server = _server_contrib(spec)
+
+    def body(params, frozen, masks, batches, step_mask, keys):
+        p = params
+        opt_state = spec.client_optimizer.init(params)
+        stats = {"loss_num": 0.0, "examples": 0.0, "steps": 0.0, "active_sq": 0.0}
+        for s in range(step_mask.shape[1]):
+            num = den = None
+            active = 0.0
+            for c in range(spec.num_slots):
+                take = lambda t, c=c: jax.tree.map(lambda x: x[c], t)  # noqa: E731
+                batch = jax.tree.map(lambda x, c=c: x[c, s], batches)
+                loss, jvps = client(p, frozen, take(masks), batch, keys[c], s)
+                weight = step_mask[c, s] * jnp.sum(batch["example_mask"])
+                n, d = server(p, take(masks), keys[c], s, jvps, weight)
+                num = n if num is None else jax.tree.map(jnp.add, num, n)
+                den = d if den is None else jax.tree.map(jnp.add, den, d)
+                stats["loss_num"] += weight * loss
+                stats["examples"] += weight
+                active += step_mask[c, s]
+            stats["steps"] += active
+            stats["active_sq"] += active**2
+            p, opt_state = _server_step(spec, p, opt_state, num, den)
+        real = (jnp.sum(step_mask, axis=1) > 0).astype(jnp.float32)
+        stats["clients"] = jnp.sum(real)
+        trainers = {k: jnp.sum(real * m) for k, m in masks.items()}
+        return {k: p[k] - params[k] for k in params}, stats, trainers
+
+    return body
+
+
+# --------------------------------------------------------------------------------------------
+# the round
+# --------------------------------------------------------------------------------------------
+
+
+def _shard(spec: RoundSpec, body: Callable[..., Any]) -> Callable[..., Any]:
+    clients = P(CLIENT_AXIS)
+    return jax.shard_map(
+        body,
+        mesh=spec.mesh,
+        in_specs=(P(), P(), clients, clients, clients, clients),
+        out_specs=P(),
+        check_vma=False,
+    )
+
+
+def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str, Array]]]:
+    """Builds ``round_fn(state, frozen, client_batches, key=None) -> (state, metrics)``.
+
+    ``client_batches`` holds the per-example leaves ``[num_slots, steps, batch, ...]`` and
+    ``step_mask`` ``[num_slots, steps]``. ``key`` defaults to ``fold_in(state.rng, state.round)``.
+    ``metrics`` has ``train/loss`` (example-weighted), ``train/examples``, ``train/steps``,
+    ``train/clients`` and ``trainers`` (per leaf: how many clients trained it, for byte counts).
+    """
+    axis = CLIENT_AXIS if spec.backend == "shard_map" else None
+    if spec.comm_mode == "per_epoch":
+        if spec.backend in ("shard_map", "vmap"):
+            inner = _per_epoch_program(spec, axis)
+        else:
+            inner = _per_epoch_loop(spec, jit=spec.backend == "loop")
+    else:
+        if spec.backend in ("shard_map", "vmap"):
+            inner = _per_iteration_program(spec, axis)
+        else:
+            inner = _per_iteration_loop(spec)
+    if spec.backend == "shard_map":
+        inner = _shard(spec, inner)
+
+    def round_fn(state: ServerState, frozen: PyTree, client_batches: Batch, key=None):
+        round_key = jax.random.fold_in(state.rng, state.round) if key is None else key
+        masks, keys = _masks_and_keys(spec, round_key)
+        batches = {k: v for k, v in client_batches.items() if k != "step_mask"}
+        step_mask = client_batches["step_mask"]
+        if spec.comm_mode == "per_epoch":
+            num, den, stats, trainers = inner(state.params, frozen, masks, batches, step_mask, keys)
+            delta = aggregation.finalize(num, den)
+        else:
+            delta, stats, trainers = inner(state.params, frozen, masks, batches, step_mask, keys)
+        pseudo_grad = jax.tree.map(jnp.negative, delta)
+        updates, opt_state = spec.server_optimizer.update(
+            pseudo_grad, state.opt_state, state.params
+        )
+        params = optax.apply_updates(state.params, updates)
+        new_state = ServerState(params, opt_state, state.round + 1, state.rng)
+        metrics = {
+            "train/loss": stats["loss_num"] / jnp.maximum(stats["examples"], 1.0),
+            "train/examples": stats["examples"],
+            "train/steps": stats["steps"],
+            "train/clients": stats["clients"],
+            "trainers": trainers,
+        }
+        if "active_sq" in stats:
+            metrics["active_sq"] = stats["active_sq"]
+        return new_state, metrics
+
+    if spec.backend in ("shard_map", "vmap"):
+        return jax.jit(round_fn)
+    if spec.backend == "debug":
+
+        def debug_round_fn(*args, **kwargs):
+            with jax.disable_jit():
+                return round_fn(*args, **kwargs)
+
+        return debug_round_fn
+    return round_fn
+
+
+def comm_bytes(
+    spec: RoundSpec, params: Trainable, metrics: dict[str, Any], num_tangents: int = 0
+) -> tuple[int, int]:
+    """Bytes sent up (clients -> server) and down in one round, from the round's metrics.
+
+    per_epoch: up = the trained units of each client + its example count (4 bytes); down = the
+    full trainable weights to each client. per_iteration: up = K float32 jvp scalars per client
+    per real step; down = the trainable weights once per client, then every step the step's jvp
+    scalars of all active clients to each active client (from which a client replays the
+    server's deterministic update with the shared tangent seeds).
+    """
+    nbytes = {k: int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for k, v in params.items()}
+    total = sum(nbytes.values())
+    clients = int(round(float(metrics["train/clients"])))
+    down = clients * total
+    if spec.comm_mode == "per_epoch":
+        up = sum(int(round(float(metrics["trainers"][k]))) * nbytes[k] for k in nbytes)
+        up += 4 * clients
+    else:
+        steps = int(round(float(metrics["train/steps"])))
+        up = 4 * num_tangents * steps
+        down += 4 * num_tangents * int(round(float(metrics["active_sq"])))
+    return up, down

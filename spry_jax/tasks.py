@@ -1,0 +1,88 @@
+"""Losses and predictions per task, on top of a model's pure ``apply_fn``.
+
+Every loss is the mean over the batch's real examples (``example_mask``), so padded examples and
+padded steps contribute nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from spry_jax.types import Array, Batch, PyTree, SplitModel, Trainable
+
+TASKS = ("classification", "qa", "causal_lm")
+
+
+def _masked_mean(values: Array, mask: Array) -> Array:
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def classification_loss(logits: Array, batch: Batch) -> Array:
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["labels"]
+    )
+    return _masked_mean(ce, batch["example_mask"])
+
+
+def qa_loss(logits: Array, batch: Batch) -> Array:
+    """Mean of start and end cross-entropies; ``logits`` is ``[..., seq, 2]``."""
+    logits = logits.astype(jnp.float32)
+    start = optax.softmax_cross_entropy_with_integer_labels(
+        logits[..., 0], batch["start_positions"]
+    )
+    end = optax.softmax_cross_entropy_with_integer_labels(logits[..., 1], batch["end_positions"])
+    return _masked_mean(0.5 * (start + end), batch["example_mask"])
+
+
+def causal_lm_loss(logits: Array, batch: Batch) -> Array:
+    """Next-token cross-entropy over tokens whose label is not -100."""
+    logits = logits[..., :-1, :].astype(jnp.float32)
+    labels = batch["labels"][..., 1:]
+    valid = (labels != -100).astype(jnp.float32) * batch["example_mask"][..., None]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+    return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+_LOSSES = {"classification": classification_loss, "qa": qa_loss, "causal_lm": causal_lm_loss}
+
+
+def make_loss_fn(model: SplitModel) -> Callable[[Trainable, PyTree, Batch, Array], Array]:
+    """``loss_fn(trainable, frozen, batch, dropout_rng) -> scalar`` for the model's task."""
+    if model.task not in _LOSSES:
+        raise ValueError(f"task={model.task!r} is unknown; choose one of {TASKS}.")
+    task_loss = _LOSSES[model.task]
+
+    def loss_fn(trainable: Trainable, frozen: PyTree, batch: Batch, dropout_rng: Array) -> Array:
+        logits = model.apply_fn(
+            trainable, frozen, batch["input_ids"], batch["attention_mask"], dropout_rng
+        )
+        return task_loss(logits, batch)
+
+    return loss_fn
+
+
+def make_eval_fn(model: SplitModel) -> Callable[[Trainable, PyTree, Batch], dict[str, Array]]:
+    """``eval_fn(trainable, frozen, batch) -> {"correct", "count", "loss_sum"}`` (deterministic).
+
+    Classification only; QA evaluation needs n-best post-processing on the host (data.qa).
+    """
+
+    def eval_fn(trainable: Trainable, frozen: PyTree, batch: Batch) -> dict[str, Array]:
+        logits = model.apply_fn(
+            trainable, frozen, batch["input_ids"], batch["attention_mask"], None
+        )
+        logits = logits.astype(jnp.float32)
+        m = batch["example_mask"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        pred = jnp.argmax(logits, axis=-1)
+        return {
+            "correct": jnp.sum((pred == batch["labels"]) * m),
+            "count": jnp.sum(m),
+            "loss_sum": jnp.sum(ce * m),
+        }
+
+    return jax.jit(eval_fn)
