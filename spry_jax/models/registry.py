@@ -42,6 +42,8 @@ ARCHITECTURES: dict[str, str] = {
     "distilbert": "spry_jax.models.encoders:DistilBertModel",
     "albert": "spry_jax.models.encoders:AlbertModel",
     # --- decoders (spry_jax/models/decoders.py): "opt" and "llama" entries go here ---
+    "opt": "spry_jax.models.decoders:OPTForTask",
+    "llama": "spry_jax.models.decoders:LlamaForTask",
     # --- end decoders ---
 }
 
@@ -84,6 +86,27 @@ _BERT_BASE = dict(
     num_attention_heads=12,
     intermediate_size=3072,
 )
+
+# --- decoders: OPT-6.7B hyper-parameters (facebook/opt-6.7b config.json), shared by opt-13b ---
+_OPT_6_7B = dict(
+    model_type="opt",
+    vocab_size=50272,
+    hidden_size=4096,
+    word_embed_proj_dim=4096,
+    ffn_dim=16384,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    activation_function="relu",
+    max_position_embeddings=2048,
+    do_layer_norm_before=True,
+    dropout=0.1,
+    attention_dropout=0.0,
+    enable_bias=True,
+    pad_token_id=1,
+    bos_token_id=2,
+    eos_token_id=2,
+)
+# --- end decoders ---
 
 MODELS: dict[str, ModelSpec] = {
     # --- encoders ---
@@ -177,6 +200,60 @@ MODELS: dict[str, ModelSpec] = {
         asset="minilm",
     ),
     # --- decoders (spry_jax/models/decoders.py): llama2-7b, opt-6.7b, opt-13b, smollm2 go here ---
+    # Hyper-parameters as in each hub id's config.json.
+    "llama2-7b": ModelSpec(
+        hub_id="meta-llama/Llama-2-7b-hf",
+        config=dict(
+            model_type="llama",
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            hidden_act="silu",
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "opt-6.7b": ModelSpec(hub_id="facebook/opt-6.7b", config=_OPT_6_7B),
+    "opt-13b": ModelSpec(
+        hub_id="facebook/opt-13b",
+        config=dict(
+            _OPT_6_7B,
+            hidden_size=5120,
+            word_embed_proj_dim=5120,
+            ffn_dim=20480,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+        ),
+    ),
+    "smollm2": ModelSpec(
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        config=dict(
+            model_type="llama",
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            hidden_act="silu",
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            rope_theta=100000.0,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        ),
+        asset="smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
     # --- end decoders ---
 }
 
