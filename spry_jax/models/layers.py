@@ -11,11 +11,16 @@ Conventions (both the encoders and the decoders follow them):
   ``None`` means deterministic. Callers derive per-layer keys with ``jax.random.fold_in``.
 * Computation runs in the activation dtype (the dtype of ``x``); norms and softmax in float32.
 * Everything is jvp-safe: no custom kernels, only XLA ops.
+* Every layer records a ``creation_index`` (a static attribute, kept through ``nnx.split`` /
+  ``merge``, which re-create modules with their attributes sorted alphabetically). Spry's units
+  are chunks of the trainable leaves in model order, and this index is how
+  :mod:`spry_jax.models.peft` recovers it: build layers in compute order.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable
 
@@ -29,6 +34,12 @@ Array = jax.Array
 
 
 _DEFAULT_INIT = jax.nn.initializers.normal(0.02)
+_creation_counter = itertools.count()
+
+
+def next_creation_index() -> int:
+    """A process-wide increasing index; layers store it to remember their definition order."""
+    return next(_creation_counter)
 
 
 class QuantizedWeight(nnx.Variable):
@@ -101,6 +112,7 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs,
     ):
         quant_lib.check_quant(quant)
+        self.creation_index = next_creation_index()
         self.in_features = in_features
         self.out_features = out_features
         self.dtype = jnp.dtype(dtype)
@@ -166,6 +178,7 @@ class Embedding(nnx.Module):
 
     def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         init = jax.nn.initializers.normal(0.02)
+        self.creation_index = next_creation_index()
         self.num_embeddings = num_embeddings
         self.features = features
         self.embedding = nnx.Param(
@@ -186,6 +199,7 @@ class LayerNorm(nnx.Module):
     def __init__(
         self, features: int, *, eps: float = 1e-12, use_bias: bool = True, dtype=jnp.float32
     ):
+        self.creation_index = next_creation_index()
         self.eps = float(eps)
         self.scale = nnx.Param(jnp.ones((features,), dtype))
         self.bias = nnx.Param(jnp.zeros((features,), dtype)) if use_bias else None
@@ -204,6 +218,7 @@ class RMSNorm(nnx.Module):
     """Llama's RMSNorm: normalise in float32, cast back, then multiply by the weight."""
 
     def __init__(self, features: int, *, eps: float = 1e-6, dtype=jnp.float32):
+        self.creation_index = next_creation_index()
         self.eps = float(eps)
         self.scale = nnx.Param(jnp.ones((features,), dtype))
 

@@ -95,7 +95,7 @@ def path_str(path: tuple) -> str:
 
 
 def iter_modules(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
-    """``(path, module)`` for every submodule in definition order; shared modules once."""
+    """``(path, module)`` for every submodule (attribute order; shared modules once)."""
     seen: set[int] = set()
 
     def walk(obj: Any, prefix: tuple) -> Iterator[tuple[str, nnx.Module]]:
@@ -115,12 +115,38 @@ def iter_modules(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
     yield from walk(model, ())
 
 
+_VARIABLE_RANK = {
+    "kernel": 0,
+    "embedding": 0,
+    "scale": 1,
+    "kernel_scale": 1,
+    "bias": 2,
+    "lora_a": 3,
+    "lora_b": 4,
+    "ia3": 5,
+}
+
+
+def _module_key(pos: int, module: nnx.Module) -> tuple[int, int]:
+    # Layers carry their creation index (definition order survives nnx.merge, which sorts
+    # attributes alphabetically); containers without one keep their walk position.
+    idx = getattr(module, "creation_index", None)
+    return (0, idx) if isinstance(idx, int) else (1, pos)
+
+
 def iter_variables(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable]]:
-    """``(path, variable)`` for every variable in model (definition) order."""
-    for mpath, module in iter_modules(model):
+    """``(path, variable)`` for every variable in model order: layers in the order they were
+    created (their compute order), and within a layer kernel, bias, LoRA A, LoRA B, IA3."""
+    items = []
+    for pos, (mpath, module) in enumerate(iter_modules(model)):
+        mkey = _module_key(pos, module)
         for name, value in vars(module).items():
             if not name.startswith("_") and isinstance(value, nnx.Variable):
-                yield (f"{mpath}/{name}" if mpath else name), value
+                path = f"{mpath}/{name}" if mpath else name
+                items.append(((mkey, _VARIABLE_RANK.get(name, 10), name), path, value))
+    items.sort(key=lambda item: item[0])
+    for _, path, value in items:
+        yield path, value
 
 
 def _head_prefixes(model: nnx.Module) -> tuple[str, ...]:
