@@ -1,0 +1,211 @@
+"""The round program: backends agree, aggregation is per unit, masks are honoured."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spry_jax import tasks
+from spry_jax.core import client as C
+from spry_jax.core import estimators as E
+from spry_jax.core import round as R
+from spry_jax.core import server as S
+from spry_jax.core import units as U
+from tests.core.toy import make_toy_batches, make_toy_model
+
+M, SLOTS, STEPS, BATCH = 5, 8, 3, 4
+
+
+def _spec(
+    model,
+    backend="vmap",
+    mode="per_epoch",
+    estimator=None,
+    split=True,
+    server="fedyogi",
+    m=M,
+    slots=SLOTS,
+    tensors_per_unit=2,
+    lr=1e-2,
+):
+    return R.RoundSpec(
+        loss_fn=tasks.make_loss_fn(model),
+        estimator=estimator or E.forward(2, 1.0),
+        client_optimizer=C.make_client_optimizer("adamw", lr),
+        server_optimizer=S.make_server_optimizer(server, 1e-2 if server != "fedavg" else 1.0),
+        units=U.make_units(model.order, tensors_per_unit, model.head_keys),
+        split=split,
+        clients_per_round=m,
+        num_slots=slots,
+        comm_mode=mode,
+        backend=backend,
+        mesh=R.make_client_mesh() if backend == "shard_map" else None,
+        fwd_sigma=1.0,
+    )
+
+
+def _batches(m=M, slots=SLOTS, seed=0):
+    b = make_toy_batches(slots, STEPS, BATCH, seed=seed)
+    b["step_mask"] = b["step_mask"].at[m:].set(0)
+    b["example_mask"] = b["example_mask"].at[m:].set(0)
+    return b
+
+
+def _run(spec, model, batches, rounds=2):
+    fn = R.make_round_fn(spec)
+    state = R.init_server_state(model.trainable, spec.server_optimizer, seed=0)
+    for _ in range(rounds):
+        state, metrics = fn(state, model.frozen, batches)
+    return state, metrics
+
+
+def test_eight_devices_are_visible():
+    assert jax.device_count() == 8, "tests/conftest.py must force 8 CPU devices"
+
+
+@pytest.mark.parametrize("mode", ["per_epoch", "per_iteration"])
+def test_backends_give_the_same_numbers(mode):
+    model = make_toy_model(dropout=0.1)
+    batches = _batches()
+    ref_state, ref_metrics = _run(_spec(model, "vmap", mode), model, batches)
+    for backend in ("shard_map", "loop", "debug"):
+        state, metrics = _run(_spec(model, backend, mode), model, batches)
+        for k in model.order:
+            np.testing.assert_allclose(
+                state.params[k], ref_state.params[k], atol=1e-5, rtol=0, err_msg=f"{backend} {k}"
+            )
+        np.testing.assert_allclose(metrics["train/loss"], ref_metrics["train/loss"], rtol=1e-5)
+        assert int(state.round) == 2
+
+
+def test_sharded_round_with_fewer_clients_than_devices():
+    model = make_toy_model()
+    batches = _batches(m=3)
+    a, _ = _run(_spec(model, "vmap", m=3), model, batches, rounds=1)
+    b, _ = _run(_spec(model, "shard_map", m=3), model, batches, rounds=1)
+    for k in model.order:
+        np.testing.assert_allclose(a.params[k], b.params[k], atol=1e-5)
+
+
+def test_per_epoch_aggregation_is_the_per_unit_weighted_mean_of_client_updates():
+    model = make_toy_model()
+    spec = _spec(model, "vmap", server="fedavg")
+    batches = _batches()
+    state = R.init_server_state(model.trainable, spec.server_optimizer, seed=0)
+    new_state, _ = R.make_round_fn(spec)(state, model.frozen, batches)
+
+    # Independent recomputation: same assignment and keys, clients one by one, numpy averaging.
+    round_key = jax.random.fold_in(state.rng, state.round)
+    masks, keys = R._masks_and_keys(spec, round_key)
+    update = jax.jit(C.make_client_update(spec.loss_fn, spec.estimator, spec.client_optimizer))
+    num = {k: np.zeros(v.shape) for k, v in model.trainable.items()}
+    den = {k: 0.0 for k in model.trainable}
+    for c in range(SLOTS):
+        mask_c = {k: masks[k][c] for k in masks}
+        batch_c = {k: v[c] for k, v in batches.items() if k != "step_mask"}
+        res = update(
+            model.trainable, model.frozen, mask_c, batch_c, batches["step_mask"][c], keys[c]
+        )
+        n = float(
+            np.sum(
+                np.asarray(batches["example_mask"][c])
+                * np.asarray(batches["step_mask"][c])[:, None]
+            )
+        )
+        for k in num:
+            num[k] += n * float(mask_c[k]) * np.asarray(res.delta[k])
+            den[k] += n * float(mask_c[k])
+    for k in model.order:
+        expected = np.asarray(model.trainable[k]) + (num[k] / den[k] if den[k] > 0 else 0.0)
+        np.testing.assert_allclose(new_state.params[k], expected, atol=2e-6, err_msg=k)
+
+
+def test_untrained_units_do_not_move_under_fedavg():
+    # 2 clients, 3 units -> every unit trained; 2 clients with 1 tensor per unit -> M < G still
+    # covers all; force an untrained unit with classifier_share off and M=1 client but only one
+    # client's data real: the other units must stay bit-identical.
+    model = make_toy_model()
+    spec = _spec(model, "vmap", server="fedavg", m=1, slots=1, tensors_per_unit=2)
+    batches = _batches(m=1, slots=1)
+    state, _ = _run(spec, model, batches, rounds=1)
+    changed = {k for k in model.order if not np.array_equal(state.params[k], model.trainable[k])}
+    assert changed == set(model.order)  # M=1 trains every unit (g mod 1 = 0)
+
+    spec = _spec(model, "vmap", server="fedavg", m=2, slots=2, tensors_per_unit=2)
+    batches = _batches(m=2, slots=2)
+    batches["step_mask"] = batches["step_mask"].at[1].set(0)  # client 1 has no data
+    batches["example_mask"] = batches["example_mask"].at[1].set(0)
+    state, _ = _run(spec, model, batches, rounds=1)
+    round_key = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+    masks, _ = R._masks_and_keys(spec, round_key)
+    for k in model.order:
+        moved = not np.array_equal(state.params[k], model.trainable[k])
+        assert moved == bool(masks[k][0]), k
+
+
+def test_client_update_changes_only_masked_leaves_and_ignores_padded_steps():
+    model = make_toy_model(dropout=0.1)
+    loss_fn = tasks.make_loss_fn(model)
+    update = C.make_client_update(loss_fn, E.forward(1), C.make_client_optimizer("adamw", 1e-2))
+    mask = {k: jnp.float32(k.startswith("l1/")) for k in model.trainable}
+    b = make_toy_batches(1, 4, BATCH, seed=3)
+    batch = {k: v[0] for k, v in b.items() if k != "step_mask"}
+    full = update(model.trainable, model.frozen, mask, batch, jnp.ones(4), jax.random.PRNGKey(0))
+    for k in model.trainable:
+        assert (float(jnp.abs(full.delta[k]).max()) > 0) == k.startswith("l1/"), k
+    # Three real steps padded to four == the same three steps alone.
+    padded = update(
+        model.trainable, model.frozen, mask, batch, jnp.array([1.0, 1, 1, 0]), jax.random.PRNGKey(0)
+    )
+    cut = update(
+        model.trainable,
+        model.frozen,
+        mask,
+        {k: v[:3] for k, v in batch.items()},
+        jnp.ones(3),
+        jax.random.PRNGKey(0),
+    )
+    for k in model.trainable:
+        np.testing.assert_allclose(padded.delta[k], cut.delta[k], atol=1e-7)
+    np.testing.assert_allclose(padded.loss, cut.loss, rtol=1e-6)
+
+
+def test_backprop_round_runs_and_is_deterministic():
+    model = make_toy_model()
+    spec = _spec(model, "vmap", estimator=E.backprop(), split=False, server="fedavg")
+    a, ma = _run(spec, model, _batches())
+    b, mb = _run(spec, model, _batches())
+    for k in model.order:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+    assert np.isfinite(float(ma["train/loss"]))
+
+
+def test_comm_bytes_per_epoch_and_per_iteration():
+    model = make_toy_model()
+    nbytes = {k: v.size * 4 for k, v in model.trainable.items()}
+    total = sum(nbytes.values())
+    spec = _spec(model, "vmap")
+    _, metrics = _run(spec, model, _batches(), rounds=1)
+    up, down = R.comm_bytes(spec, model.trainable, metrics)
+    # M=5 clients > G=3 units: each client sends exactly the one unit it trained.
+    masks, _ = R._masks_and_keys(spec, jax.random.fold_in(jax.random.PRNGKey(0), 0))
+    per_client = [sum(nbytes[k] for k in masks if float(masks[k][c])) for c in range(M)]
+    assert sorted(per_client)[0] > 0 and len(set(per_client)) <= 2
+    assert up == sum(per_client) + 4 * M
+    assert down == M * total
+    spec = _spec(model, "vmap", mode="per_iteration")
+    _, metrics = _run(spec, model, _batches(), rounds=1)
+    up, down = R.comm_bytes(spec, model.trainable, metrics, num_tangents=2)
+    real_steps = float(np.sum(np.asarray(_batches()["step_mask"])))
+    assert up == 4 * 2 * real_steps
+    assert down > M * total
+
+
+def test_bad_specs_are_rejected():
+    model = make_toy_model()
+    with pytest.raises(ValueError, match="per_iteration"):
+        R.RoundSpec(**{**_spec(model).__dict__, "comm_mode": "per_iteration", "fwd_sigma": None})
+    with pytest.raises(ValueError, match="multiple"):
+        _spec(model, "shard_map", slots=5)
+    with pytest.raises(ValueError, match="backend"):
+        _spec(model, "pmap")
