@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spry_jax.models import layers
+from spry_jax.models import heads, layers
 
 Array = jax.Array
 
@@ -55,14 +55,12 @@ __all__ = [
 ]
 
 _TASKS = ("classification", "qa", "causal_lm")
-_POOLINGS = ("default", "mean")
 
 
 def _check_args(task: str, num_labels: int, pooling: str) -> None:
     if task not in _TASKS:
         raise ValueError(f"task={task!r} is not supported; use one of {_TASKS}.")
-    if pooling not in _POOLINGS:
-        raise ValueError(f"pooling={pooling!r} is not supported; use one of {_POOLINGS}.")
+    heads.check_pooling(pooling)
     if task == "classification" and num_labels < 1:
         raise ValueError(f"num_labels must be >= 1 for classification, got {num_labels}.")
 
@@ -99,9 +97,10 @@ class OPTAttention(nnx.Module):
                 self.embed_dim, self.embed_dim, use_bias=bias, dtype=dtype, quant=quant, rngs=rngs
             )
 
+        # Definition order = model order (peft lists trainable leaves in it): q, k, v, out.
+        self.q_proj = proj()
         self.k_proj = proj()
         self.v_proj = proj()
-        self.q_proj = proj()
         self.out_proj = proj()
 
     def __call__(self, x: Array, mask: Array, dropout_rng: Array | None) -> Array:
@@ -133,15 +132,16 @@ class OPTDecoderLayer(nnx.Module):
         self.do_layer_norm_before = bool(config.do_layer_norm_before)
         self.dropout = float(config.dropout)
         self.act = layers.activation(config.activation_function)
-        self.self_attn = OPTAttention(config, dtype=dtype, quant=quant, rngs=rngs)
+        # Created in compute order (pre-LN), which peft uses as the model order.
         self.self_attn_layer_norm = layers.LayerNorm(d, eps=1e-5, dtype=dtype)
+        self.self_attn = OPTAttention(config, dtype=dtype, quant=quant, rngs=rngs)
+        self.final_layer_norm = layers.LayerNorm(d, eps=1e-5, dtype=dtype)
         self.fc1 = layers.Linear(
             d, config.ffn_dim, use_bias=bias, dtype=dtype, quant=quant, rngs=rngs
         )
         self.fc2 = layers.Linear(
             config.ffn_dim, d, use_bias=bias, dtype=dtype, quant=quant, rngs=rngs
         )
-        self.final_layer_norm = layers.LayerNorm(d, eps=1e-5, dtype=dtype)
 
     def __call__(self, x: Array, mask: Array, dropout_rng: Array | None) -> Array:
         residual = x
@@ -181,25 +181,29 @@ class OPTDecoder(nnx.Module):
         self.embed_positions = layers.Embedding(
             config.max_position_embeddings + self.POSITION_OFFSET, d, dtype=dtype, rngs=rngs
         )
-        if proj_dim != d:
-            self.project_in = layers.Linear(
-                proj_dim, d, use_bias=False, dtype=dtype, quant=quant, rngs=rngs
-            )
-            self.project_out = layers.Linear(
-                d, proj_dim, use_bias=False, dtype=dtype, quant=quant, rngs=rngs
-            )
-        else:
-            self.project_in = None
-            self.project_out = None
-        if config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False):
-            self.final_layer_norm = layers.LayerNorm(d, eps=1e-5, dtype=dtype)
-        else:
-            self.final_layer_norm = None
+        # Submodules are created in compute order: peft orders trainable leaves by the layers'
+        # creation index.
+        self.project_in = nnx.data(
+            layers.Linear(proj_dim, d, use_bias=False, dtype=dtype, quant=quant, rngs=rngs)
+            if proj_dim != d
+            else None
+        )
         self.layers = nnx.List(
             [
                 OPTDecoderLayer(config, dtype=dtype, quant=quant, rngs=rngs)
                 for _ in range(config.num_hidden_layers)
             ]
+        )
+        final_norm = config.do_layer_norm_before and not getattr(
+            config, "_remove_final_layer_norm", False
+        )
+        self.final_layer_norm = nnx.data(
+            layers.LayerNorm(d, eps=1e-5, dtype=dtype) if final_norm else None
+        )
+        self.project_out = nnx.data(
+            layers.Linear(d, proj_dim, use_bias=False, dtype=dtype, quant=quant, rngs=rngs)
+            if proj_dim != d
+            else None
         )
 
     def __call__(self, input_ids: Array, attention_mask: Array, dropout_rng: Array | None) -> Array:
@@ -354,10 +358,10 @@ class LlamaDecoderLayer(nnx.Module):
 
     def __init__(self, config, *, dtype, quant: str, rngs: nnx.Rngs):
         d, eps = config.hidden_size, float(config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, dtype=dtype, quant=quant, rngs=rngs)
-        self.mlp = LlamaMLP(config, dtype=dtype, quant=quant, rngs=rngs)
         self.input_layernorm = layers.RMSNorm(d, eps=eps, dtype=dtype)
+        self.self_attn = LlamaAttention(config, dtype=dtype, quant=quant, rngs=rngs)
         self.post_attention_layernorm = layers.RMSNorm(d, eps=eps, dtype=dtype)
+        self.mlp = LlamaMLP(config, dtype=dtype, quant=quant, rngs=rngs)
 
     def __call__(
         self, x: Array, cos: Array, sin: Array, mask: Array, dropout_rng: Array | None
@@ -466,19 +470,20 @@ class DecoderForTask(nnx.Module):
     def __call__(
         self, input_ids: Array, attention_mask: Array | None = None, *, dropout_rng=None
     ) -> Array:
+        input_ids = jnp.asarray(input_ids, jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        attention_mask = jnp.asarray(attention_mask, jnp.int32)
         h = self.model(input_ids, attention_mask, layers.fold_rng(dropout_rng, 0))
         if self.task == "causal_lm":
             if self.lm_head is not None:
-                return self.lm_head(h)
-            return self.model.embed_tokens.attend(h)
+                return self.lm_head(h).astype(jnp.float32)
+            return self.model.embed_tokens.attend(h).astype(jnp.float32)
         h = h.astype(jnp.float32)
         if self.task == "qa":
-            return self.qa_outputs(h)
+            return heads.qa_logits(self.qa_outputs, h)
         if self.pooling == "mean":
-            m = attention_mask.astype(jnp.float32)[..., None]
-            pooled = jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+            pooled = heads.mean_pool(h, attention_mask)
         else:
             idx = last_token_index(attention_mask)
             pooled = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
