@@ -62,7 +62,9 @@ class FederatedData:
         return int(len(self.test[client]["labels"]))
 
 
-def _tokenize_all(ds: TextDataset, tokenizer: Any, cfg: Any) -> dict[str, np.ndarray]:
+def _tokenize_all(
+    ds: TextDataset, tokenizer: Any, tokenizer_fp: str | None, cfg: Any
+) -> dict[str, np.ndarray]:
     """Tokenized arrays for every example (QA: every feature), from the cache when possible."""
     if ds.features is not None:
         arrays = {k: np.asarray(v, dtype=np.int32) for k, v in ds.features.items()}
@@ -73,7 +75,7 @@ def _tokenize_all(ds: TextDataset, tokenizer: Any, cfg: Any) -> dict[str, np.nda
     max_length = int(cfg_get(cfg, "max_length", 384 if ds.task == "qa" else 64))
     key = {
         "dataset": ds.content_hash(),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer_fp,
         "max_length": max_length,
         "task": ds.task,
     }
@@ -124,7 +126,10 @@ def make_federated_data(
       The :class:`FederatedData`.
     """
     ds = load_dataset(data_cfg)
-    arrays = _tokenize_all(ds, tokenizer, data_cfg)
+    tokenizer_fp = None
+    if ds.features is None and tokenizer is not None:
+        tokenizer_fp = tokenizer_fingerprint(tokenizer)
+    arrays = _tokenize_all(ds, tokenizer, tokenizer_fp, data_cfg)
     use_heldout = bool(cfg_get(data_cfg, "heldout", False))
     pool = np.flatnonzero(~ds.heldout) if use_heldout and ds.heldout is not None else None
     if pool is None:
@@ -160,7 +165,7 @@ def make_federated_data(
         heldout = _rows(arrays, held, ds.task, row_of)
     fp = {
         "dataset": ds.content_hash(),
-        "tokenizer": None if ds.features is not None else tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer_fp,
         "max_length": cfg_get(data_cfg, "max_length", None),
         "qa_stride": cfg_get(data_cfg, "qa_stride", None) if ds.task == "qa" else None,
         "partition": method,

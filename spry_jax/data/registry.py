@@ -445,10 +445,11 @@ def _load_local(fmt: str, cfg: Any) -> TextDataset:
     except FileNotFoundError as e:
         raise DataError(f"data.path {path!r}: {e}") from e
     wanted = {k: v for k, v in columns.items() if k in ("text", "text_pair", "label", "group")}
-    missing = [f"{k}->{v!r}" for k, v in wanted.items() if v not in table.column_names]
+    missing = [f"columns[{k!r}]={v!r}" for k, v in wanted.items() if v not in table.column_names]
     if missing:
         raise DataError(
-            f"data.columns {missing} not found in {path}; available columns: {table.column_names}"
+            f"data.{', '.join(missing)}: no such column in {path}; "
+            f"available columns: {table.column_names}"
         )
     raw_labels = table[columns["label"]]
     given = cfg_get(cfg, "label_names", None)

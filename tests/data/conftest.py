@@ -20,8 +20,22 @@ def minilm_tokenizer():
     return AutoTokenizer.from_pretrained(fetch("minilm"))
 
 
+@pytest.fixture(scope="session")
+def real_assets_dir():
+    """The real cache's assets directory, with the data assets fetched."""
+    from spry_jax.assets import fetch
+
+    for name in ("rotten_tomatoes", "bbc_news", "minilm"):
+        path = fetch(name)
+    return path.parent
+
+
 @pytest.fixture
-def tmp_cache(tmp_path, monkeypatch):
-    """Points $SPRY_JAX_CACHE at an empty directory (fetch real assets before using this)."""
-    monkeypatch.setenv("SPRY_JAX_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def tmp_cache(tmp_path, monkeypatch, real_assets_dir):
+    """Points $SPRY_JAX_CACHE at a fresh directory whose ``assets`` link to the real ones, so
+    tokenized-array caching starts empty without fetching the assets again."""
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / "assets").symlink_to(real_assets_dir, target_is_directory=True)
+    monkeypatch.setenv("SPRY_JAX_CACHE", str(root))
+    return root
