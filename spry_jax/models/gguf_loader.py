@@ -11,6 +11,7 @@ result loads exactly like a safetensors checkpoint.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 
@@ -75,9 +76,19 @@ def find_gguf_file(path: str | pathlib.Path) -> pathlib.Path:
 
 
 def _reader(path: str | pathlib.Path):
+    f = find_gguf_file(path).resolve()
+    stat = f.stat()
+    return _cached_reader(str(f), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int, size: int):
+    # Parsing the metadata (50k tokenizer strings) takes seconds; the reader itself only
+    # memory-maps the file, so keeping the last two open is cheap. mtime/size key out stale files.
     import gguf
 
-    return gguf.GGUFReader(str(find_gguf_file(path)))
+    del mtime_ns, size
+    return gguf.GGUFReader(path)
 
 
 def _field(reader, key: str, default=None, *, required: bool = False):
@@ -178,7 +189,10 @@ def gguf_to_hf_name(name: str) -> str | None:
     if m:
         layer, part, kind = m.groups()
         if part not in _BLOCK_NAMES:
-            raise ValueError(f"Unknown GGUF block tensor {name!r} (part {part!r}).")
+            raise ValueError(
+                f"Unknown GGUF tensor {name!r} (block part {part!r}); only Llama-architecture "
+                "files with separate q/k/v projections are supported."
+            )
         return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
     base, _, kind = name.rpartition(".")
     if base in _TOP_NAMES and kind in ("weight", "bias"):
