@@ -153,7 +153,8 @@ class Linear(nnx.Module):
         self.ia3_on_input = bool(on_input)
 
     def weight(self, dtype) -> Array:
-        """The base kernel ``[in, out]`` dequantised to ``dtype`` (a per-call temporary)."""
+        """The base kernel ``[in, out]`` dequantised to ``dtype`` (a per-call temporary; with
+        XLA's memory-optimising scheduler only about one layer's float kernel is live at once)."""
         scale = None if self.kernel_scale is None else self.kernel_scale[...]
         return quant_lib.dequantize(self.kernel[...], scale, self.quant, dtype)
 
