@@ -14,7 +14,7 @@ from flax import nnx
 from spry_jax import models
 from spry_jax.models import layers, peft, quant
 
-H, I, L = 32, 64, 3  # tiny-bert: hidden 32, intermediate 64; 3 labels
+H, FF, L = 32, 64, 3  # tiny-bert: hidden 32, intermediate 64; 3 labels
 
 
 def _tiny(method="lora", *, rank=2, alpha=4.0, num_layers=2, **model_kw):
@@ -193,10 +193,10 @@ def test_trainable_counts_equal_hand_counts():
         # query and value of each layer: A [H, r] and B [r, H]
         "lora": layers_ * 2 * (H * r + r * H) + head,
         # key and value outputs (H each), FFN down-projection input (I)
-        "ia3": layers_ * (H + H + I) + head,
+        "ia3": layers_ * (H + H + FF) + head,
         # embeddings LN bias; per layer q, k, v, attention-out, attention LN, intermediate,
         # output dense, output LN biases; the pooler bias
-        "bitfit": H + layers_ * (3 * H + H + H + I + H + H) + H + head,
+        "bitfit": H + layers_ * (3 * H + H + H + FF + H + H) + H + head,
         "head": head,
     }
     for method, want in hand.items():
@@ -236,7 +236,7 @@ def test_bitfit_order_and_ia3_placement():
     assert shapes == {
         "encoder/layer/0/attention/self/key/ia3": (H,),
         "encoder/layer/0/attention/self/value/ia3": (H,),
-        "encoder/layer/0/output/dense/ia3": (I,),
+        "encoder/layer/0/output/dense/ia3": (FF,),
     }
 
 
