@@ -55,7 +55,7 @@ def test_tokenizer_matches_wordpiece_vocab_and_does_not_pad_to_128(asset_dir, ba
     assert ids.shape == (3, mask.sum(1).max()) and ids.shape[1] < 128
     # An independent WordPiece tokenizer built from vocab.txt alone (not tokenizer.json).
     wordpiece = tokenizers.BertWordPieceTokenizer(str(asset_dir / "vocab.txt"), lowercase=True)
-    for row, text in zip(ids, TEXTS):
+    for row, text in zip(ids, TEXTS, strict=True):
         want = wordpiece.encode(text).ids
         assert row[: len(want)].tolist() == want
 
