@@ -78,6 +78,10 @@ class RoundSpec:
       backend: one of :data:`BACKENDS`.
       mesh: the device mesh with axis ``'clients'`` (``shard_map`` backend).
       fwd_sigma: tangent standard deviation, needed to regenerate tangents (per-iteration).
+      eval_fn: ``eval_fn(trainable, frozen, batch) -> {name: sum}`` (summed metrics, e.g.
+        ``correct`` and ``count``); when the round gets ``eval_batches`` it reports the sums for
+        the global model before training (generalized) and for each client's model after its
+        local training (personalized), REFERENCE.md §2 "Evaluation".
     """
 
     loss_fn: LossFn
@@ -92,6 +96,7 @@ class RoundSpec:
     backend: str = "shard_map"
     mesh: Mesh | None = None
     fwd_sigma: float | None = None
+    eval_fn: Callable[..., dict[str, Array]] | None = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -154,6 +159,18 @@ def _masks_and_keys(spec: RoundSpec, round_key: Array) -> tuple[Trainable, Array
     return masks, keys
 
 
+def _eval_sums(eval_fn, params, frozen, eval_batches) -> dict[str, Array]:
+    """Sums ``eval_fn`` over a client's eval steps (``[steps, batch, ...]``)."""
+
+    def step(acc, batch):
+        out = eval_fn(params, frozen, batch)
+        return jax.tree.map(jnp.add, acc, out), None
+
+    shapes = jax.eval_shape(eval_fn, params, frozen, jax.tree.map(lambda x: x[0], eval_batches))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    return jax.lax.scan(step, zeros, eval_batches)[0]
+
+
 def _tree_sum0(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
 
@@ -170,7 +187,7 @@ def _psum(tree: PyTree, axis: str | None) -> PyTree:
 def _per_epoch_contrib(spec: RoundSpec) -> Callable[..., tuple]:
     client_update = make_client_update(spec.loss_fn, spec.estimator, spec.client_optimizer)
 
-    def contrib(params, frozen, mask, batches, step_mask, key):
+    def contrib(params, frozen, mask, batches, step_mask, key, eval_batches=None):
         res = client_update(params, frozen, mask, batches, step_mask, key)
         num, den = aggregation.weighted_sums(res.delta, mask, res.num_examples)
         real = (jnp.sum(step_mask) > 0).astype(jnp.float32)
@@ -181,16 +198,23 @@ def _per_epoch_contrib(spec: RoundSpec) -> Callable[..., tuple]:
             "clients": real,
         }
         trainers = {k: real * m for k, m in mask.items()}
+        if eval_batches is not None:
+            local = {k: params[k] + res.delta[k] for k in params}
+            stats["eval"] = {
+                "generalized": _eval_sums(spec.eval_fn, params, frozen, eval_batches),
+                "personalized": _eval_sums(spec.eval_fn, local, frozen, eval_batches),
+            }
         return num, den, stats, trainers
 
     return contrib
 
 
 def _per_epoch_program(spec: RoundSpec, axis: str | None) -> Callable[..., tuple]:
-    contrib = jax.vmap(_per_epoch_contrib(spec), in_axes=(None, None, 0, 0, 0, 0))
+    contrib = jax.vmap(_per_epoch_contrib(spec), in_axes=(None, None, 0, 0, 0, 0, 0))
 
-    def body(params, frozen, masks, batches, step_mask, keys):
-        return _psum(_tree_sum0(contrib(params, frozen, masks, batches, step_mask, keys)), axis)
+    def body(params, frozen, masks, batches, step_mask, keys, eval_batches):
+        out = contrib(params, frozen, masks, batches, step_mask, keys, eval_batches)
+        return _psum(_tree_sum0(out), axis)
 
     return body
 
@@ -200,11 +224,19 @@ def _per_epoch_loop(spec: RoundSpec, jit: bool) -> Callable[..., tuple]:
     if jit:
         contrib = jax.jit(contrib)
 
-    def body(params, frozen, masks, batches, step_mask, keys):
+    def body(params, frozen, masks, batches, step_mask, keys, eval_batches):
         total = None
         for c in range(spec.num_slots):
             take = lambda t, c=c: jax.tree.map(lambda x: x[c], t)  # noqa: E731
-            out = contrib(params, frozen, take(masks), take(batches), step_mask[c], keys[c])
+            out = contrib(
+                params,
+                frozen,
+                take(masks),
+                take(batches),
+                step_mask[c],
+                keys[c],
+                take(eval_batches),
+            )
             total = out if total is None else jax.tree.map(jnp.add, total, out)
         return total
 
@@ -251,7 +283,7 @@ def _per_iteration_program(spec: RoundSpec, axis: str | None) -> Callable[..., t
     client = jax.vmap(_client_jvps(spec), in_axes=(None, None, 0, 0, 0, None))
     server = jax.vmap(_server_contrib(spec), in_axes=(None, 0, 0, None, 0, 0))
 
-    def body(params, frozen, masks, batches, step_mask, keys):
+    def body(params, frozen, masks, batches, step_mask, keys, eval_batches):
         steps_first = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batches)
 
         def step(carry, xs):
@@ -283,8 +315,16 @@ def _per_iteration_program(spec: RoundSpec, axis: str | None) -> Callable[..., t
         (p_final, _, stats), _ = jax.lax.scan(step, init, xs)
         real = (jnp.sum(step_mask, axis=1) > 0).astype(jnp.float32)
         trainers = {k: jnp.sum(real * m) for k, m in masks.items()}
+        extra = {"clients": jnp.sum(real)}
+        if eval_batches is not None:
+            evaluate = jax.vmap(lambda p, b: _eval_sums(spec.eval_fn, p, frozen, b), (None, 0))
+            extra["eval"] = {
+                "generalized": _tree_sum0(evaluate(params, eval_batches)),
+                "personalized": _tree_sum0(evaluate(p_final, eval_batches)),
+            }
         # The step statistics were already summed over devices inside the scan.
-        stats["clients"], trainers = _psum((jnp.sum(real), trainers), axis)
+        extra, trainers = _psum((extra, trainers), axis)
+        stats.update(extra)
         delta = {k: p_final[k] - params[k] for k in params}
         return delta, stats, trainers
 
@@ -295,7 +335,7 @@ def _per_iteration_loop(spec: RoundSpec) -> Callable[..., tuple]:
     client = _client_jvps(spec)
     server = _server_contrib(spec)
 
-    def body(params, frozen, masks, batches, step_mask, keys):
+    def body(params, frozen, masks, batches, step_mask, keys, eval_batches):
         p = params
         opt_state = spec.client_optimizer.init(params)
         stats = {"loss_num": 0.0, "examples": 0.0, "steps": 0.0, "active_sq": 0.0}
@@ -319,6 +359,14 @@ def _per_iteration_loop(spec: RoundSpec) -> Callable[..., tuple]:
         real = (jnp.sum(step_mask, axis=1) > 0).astype(jnp.float32)
         stats["clients"] = jnp.sum(real)
         trainers = {k: jnp.sum(real * m) for k, m in masks.items()}
+        if eval_batches is not None:
+            stats["eval"] = {"generalized": None, "personalized": None}
+            for c in range(spec.num_slots):
+                b = jax.tree.map(lambda x, c=c: x[c], eval_batches)
+                for name, w in (("generalized", params), ("personalized", p)):
+                    out = _eval_sums(spec.eval_fn, w, frozen, b)
+                    prev = stats["eval"][name]
+                    stats["eval"][name] = out if prev is None else jax.tree.map(jnp.add, prev, out)
         return {k: p[k] - params[k] for k in params}, stats, trainers
 
     return body
@@ -334,7 +382,7 @@ def _shard(spec: RoundSpec, body: Callable[..., Any]) -> Callable[..., Any]:
     return jax.shard_map(
         body,
         mesh=spec.mesh,
-        in_specs=(P(), P(), clients, clients, clients, clients),
+        in_specs=(P(), P(), clients, clients, clients, clients, clients),
         out_specs=P(),
         check_vma=False,
     )
@@ -347,6 +395,8 @@ def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str,
     ``step_mask`` ``[num_slots, steps]``. ``key`` defaults to ``fold_in(state.rng, state.round)``.
     ``metrics`` has ``train/loss`` (example-weighted), ``train/examples``, ``train/steps``,
     ``train/clients`` and ``trainers`` (per leaf: how many clients trained it, for byte counts).
+    With ``eval_batches`` (``[num_slots, steps, batch, ...]``, the sampled clients' local test
+    splits) it also has ``eval`` = ``{"generalized": sums, "personalized": sums}``.
     """
     axis = CLIENT_AXIS if spec.backend == "shard_map" else None
     if spec.comm_mode == "per_epoch":
@@ -362,16 +412,30 @@ def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str,
     if spec.backend == "shard_map":
         inner = _shard(spec, inner)
 
-    def round_fn(state: ServerState, frozen: PyTree, client_batches: Batch, key=None):
+    def round_fn(
+        state: ServerState,
+        frozen: PyTree,
+        client_batches: Batch,
+        key: Array | None = None,
+        eval_batches: Batch | None = None,
+    ):
+        if eval_batches is not None:
+            if spec.eval_fn is None:
+                raise ValueError("eval_batches given but the RoundSpec has no eval_fn.")
+            eval_batches = {k: v for k, v in eval_batches.items() if k != "step_mask"}
         round_key = jax.random.fold_in(state.rng, state.round) if key is None else key
         masks, keys = _masks_and_keys(spec, round_key)
         batches = {k: v for k, v in client_batches.items() if k != "step_mask"}
         step_mask = client_batches["step_mask"]
         if spec.comm_mode == "per_epoch":
-            num, den, stats, trainers = inner(state.params, frozen, masks, batches, step_mask, keys)
+            num, den, stats, trainers = inner(
+                state.params, frozen, masks, batches, step_mask, keys, eval_batches
+            )
             delta = aggregation.finalize(num, den)
         else:
-            delta, stats, trainers = inner(state.params, frozen, masks, batches, step_mask, keys)
+            delta, stats, trainers = inner(
+                state.params, frozen, masks, batches, step_mask, keys, eval_batches
+            )
         pseudo_grad = jax.tree.map(jnp.negative, delta)
         updates, opt_state = spec.server_optimizer.update(
             pseudo_grad, state.opt_state, state.params
@@ -387,6 +451,8 @@ def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str,
         }
         if "active_sq" in stats:
             metrics["active_sq"] = stats["active_sq"]
+        if "eval" in stats:
+            metrics["eval"] = stats["eval"]
         return new_state, metrics
 
     if spec.backend in ("shard_map", "vmap"):

@@ -1,0 +1,146 @@
+"""The default experiment config (every field, one comment each) and its validation.
+
+Experiment files in ``experiments/`` start from :func:`default_config` and change what they
+need; ``--config.KEY=VALUE`` overrides any field on the command line.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from spry_jax.core import round as round_lib
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Spry's defaults as in the release (REFERENCE.md §2), on the offline MiniLM + Rotten Tomatoes."""
+    c = ml_collections.ConfigDict()
+    c.method = "spry"  # a row of spry_jax.methods.METHODS
+    c.seed = 0  # every key derives from it: fold_in(round), fold_in(client), fold_in(step)
+    c.rounds = 100  # federated rounds
+    c.num_clients = 100  # total clients the data is partitioned over
+    c.clients_per_round = 10  # M, clients sampled (without replacement) each round
+    c.eval_every = 10  # evaluate every N rounds (and after the last); 0 = only at the end
+    c.checkpoint_every = 10  # save a checkpoint every N rounds (and after the last)
+    c.keep_checkpoints = 2  # how many checkpoints to keep
+    c.comm_mode = "per_epoch"  # "per_epoch" | "per_iteration" (forward-gradient methods)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "rotten_tomatoes"  # a spry_jax.data registry name, or csv/jsonl/parquet
+    c.data.partition = "dirichlet"  # "dirichlet" | "natural" | "iid"
+    c.data.alpha = 1.0  # Dirichlet concentration (0.1 = very heterogeneous)
+    c.data.max_length = 64  # tokens per example (384 for QA)
+    c.data.test_fraction = 0.2  # each client's local test split
+    c.data.max_examples = 0  # 0 = all; else a deterministic subsample (CPU runs)
+    c.data.vocab_size = 128  # synthetic only: token ids in [4, vocab_size)
+    c.data.num_examples = 2000  # synthetic only
+    c.data.num_labels = 2  # synthetic only
+    c.data.seq_len = 16  # synthetic only
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "minilm"  # registry alias, hub id or local directory
+    c.model.pretrained = True  # False = random init from the architecture config
+    c.model.dtype = "float32"  # frozen base and activations: "float32" | "bfloat16"
+    c.model.quant = "none"  # frozen Linear kernels: "none" | "int8" | "int4"
+    c.model.dropout = 0.1  # model dropout (hidden and attention), active in training
+    c.model.pooling = "default"  # "default" (the family's head) | "mean"
+    c.model.overrides = config_dict.placeholder(dict)  # HF config overrides (tiny models)
+
+    c.peft = ml_collections.ConfigDict()
+    c.peft.method = "lora"  # "lora" | "ia3" | "bitfit" | "head"
+    c.peft.lora_rank = 1  # LoRA r (paper: 1)
+    c.peft.lora_alpha = 1.0  # LoRA alpha (paper: 1)
+    c.peft.lora_dropout = 0.1  # dropout on the LoRA branch input
+    c.peft.target_modules = ()  # regexes of adapted modules; () = query/value (q_proj/v_proj)
+
+    c.split = ml_collections.ConfigDict()
+    c.split.tensors_per_unit = 2  # consecutive trainable tensors per unit (2 = one LoRA A+B)
+    c.split.classifier_share = False  # True: every client also trains the task head
+
+    c.fwd = ml_collections.ConfigDict()
+    c.fwd.num_tangents = 1  # K tangents per step
+    c.fwd.sigma = 1.0  # tangent std; E[g] = sigma^2 grad
+    c.fwd.tangent_batching = "vmap"  # "vmap" (fast) | "map" (sequential, least memory)
+
+    c.client = ml_collections.ConfigDict()
+    c.client.optimizer = "auto"  # "auto" (the method's) | "adamw" | "adam" | "sgd"
+    c.client.lr = 1e-4  # client learning rate
+    c.client.b1 = 0.9
+    c.client.b2 = 0.999
+    c.client.eps = 1e-8
+    c.client.weight_decay = 0.01  # AdamW weight decay (masked: untrained units never decay)
+    c.client.epochs = 1  # local epochs per round
+    c.client.batch_size = 8  # local batch size
+    c.client.max_steps = 0  # 0 = all steps of the epochs; else a cap on local steps
+
+    c.server = ml_collections.ConfigDict()
+    c.server.optimizer = (
+        "auto"  # "auto" | fedavg | fedadam | fedyogi | optax_adam | optax_yogi | adam
+    )
+    c.server.lr = config_dict.placeholder(
+        float
+    )  # None = the optimizer's default (FedAvg 1, Yogi 1e-2)
+    c.server.b1 = 0.9
+    c.server.b2 = 0.99
+    c.server.tau = 1e-3  # Flower's adaptivity constant (eps of the optax variants)
+
+    c.round = ml_collections.ConfigDict()
+    c.round.backend = "shard_map"  # "shard_map" | "vmap" | "loop" | "debug"
+    c.round.num_devices = 0  # devices on the 'clients' mesh axis; 0 = all
+    c.eval_batch_size = 64  # evaluation batch size
+    return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Rejects invalid values before any work, naming the field and the fix."""
+    from spry_jax import methods  # local: methods imports optax/jax-heavy modules
+
+    methods.get_method(config.method)
+    if config.rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {config.rounds}")
+    if config.num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {config.num_clients}")
+    if not 1 <= config.clients_per_round <= config.num_clients:
+        raise ValueError(
+            f"clients_per_round={config.clients_per_round} must be in [1, num_clients="
+            f"{config.num_clients}]; lower clients_per_round or raise num_clients."
+        )
+    for field in ("eval_every", "checkpoint_every"):
+        if config[field] < 0:
+            raise ValueError(f"{field} must be >= 0, got {config[field]}")
+    if config.keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
+    if config.comm_mode not in round_lib.COMM_MODES:
+        raise ValueError(f"comm_mode={config.comm_mode!r}; choose one of {round_lib.COMM_MODES}.")
+    if config.round.backend not in round_lib.BACKENDS:
+        raise ValueError(
+            f"round.backend={config.round.backend!r}; choose one of {round_lib.BACKENDS}."
+        )
+    if config.client.lr <= 0:
+        raise ValueError(f"client.lr must be > 0, got {config.client.lr}")
+    if config.server.lr is not None and config.server.lr <= 0:
+        raise ValueError(
+            f"server.lr must be > 0 (or unset for the default), got {config.server.lr}"
+        )
+    if config.client.epochs < 1:
+        raise ValueError(f"client.epochs must be >= 1, got {config.client.epochs}")
+    if config.client.batch_size < 1:
+        raise ValueError(f"client.batch_size must be >= 1, got {config.client.batch_size}")
+    if config.client.max_steps < 0:
+        raise ValueError(f"client.max_steps must be >= 0, got {config.client.max_steps}")
+    if config.fwd.num_tangents < 1:
+        raise ValueError(f"fwd.num_tangents must be >= 1, got {config.fwd.num_tangents}")
+    if config.fwd.sigma <= 0:
+        raise ValueError(f"fwd.sigma must be > 0, got {config.fwd.sigma}")
+    if config.split.tensors_per_unit < 1:
+        raise ValueError(
+            f"split.tensors_per_unit must be >= 1, got {config.split.tensors_per_unit}"
+        )
+    # Method/comm-mode compatibility and optimizer names are checked by building the parts.
+    methods.build_round_parts(config)
+    from spry_jax import data
+
+    if config.data.name not in data.dataset_names():
+        raise ValueError(
+            f"data.name={config.data.name!r} is unknown; choose one of {data.dataset_names()}."
+        )

@@ -1,0 +1,150 @@
+"""The algorithm table: every method is a row, not a training loop.
+
+A method = gradient estimator x split rule x client optimizer x server optimizer x
+communication mode (REFERENCE.md §5). The round program (:mod:`spry_jax.core.round`) never
+branches on a method's name; :func:`build_round_parts` turns a row plus the config into the
+pieces the round needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+from spry_jax.core import client as client_lib
+from spry_jax.core import estimators
+from spry_jax.core import server as server_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One row of the algorithm table.
+
+    Attributes:
+      estimator: key of :data:`ESTIMATORS`.
+      split: True = Spry's weight split across the round's clients.
+      server: default server optimizer (``server.optimizer='auto'`` takes it).
+      client: default client optimizer (``client.optimizer='auto'`` takes it).
+      max_steps: if set, local steps per round are capped (FedSGD: 1).
+      client_lr: if set, the client learning rate is fixed (FedSGD: 1.0, so delta = -grad).
+      comm_modes: communication modes the method supports.
+      doc: one line for ``--helpfull`` and README tables.
+    """
+
+    estimator: str
+    split: bool
+    server: str
+    client: str = "adamw"
+    max_steps: int | None = None
+    client_lr: float | None = None
+    comm_modes: tuple[str, ...] = ("per_epoch",)
+    doc: str = ""
+
+
+def _forward(cfg: Any) -> estimators.Estimator:
+    return estimators.forward(cfg.fwd.num_tangents, cfg.fwd.sigma, cfg.fwd.tangent_batching)
+
+
+ESTIMATORS: dict[str, Callable[[Any], estimators.Estimator]] = {
+    "forward": _forward,
+    "backprop": lambda cfg: estimators.backprop(remat=False),
+    "backprop_remat": lambda cfg: estimators.backprop(remat=True),
+}
+
+BOTH = ("per_epoch", "per_iteration")
+
+METHODS: dict[str, Method] = {
+    "spry": Method(
+        "forward",
+        True,
+        "fedyogi",
+        comm_modes=BOTH,
+        doc="Spry: forward gradients on each client's slice of the PEFT weights",
+    ),
+    "fedfgd": Method(
+        "forward",
+        False,
+        "fedyogi",
+        comm_modes=BOTH,
+        doc="forward gradients on all trainable weights (no split)",
+    ),
+    "fedavg": Method("backprop", False, "fedavg", doc="backprop FedAvg"),
+    "fedyogi": Method("backprop", False, "fedyogi", doc="backprop FedYogi"),
+    "fedsgd": Method(
+        "backprop",
+        False,
+        "adam",
+        client="sgd",
+        max_steps=1,
+        client_lr=1.0,
+        doc="one backprop step per round; the server applies Adam to the mean gradient",
+    ),
+    "fedavg_split": Method("backprop", True, "fedavg", doc="backprop on Spry's split, FedAvg"),
+    "fedyogi_split": Method("backprop", True, "fedyogi", doc="backprop on Spry's split, FedYogi"),
+    "fedavg_remat": Method(
+        "backprop_remat", False, "fedavg", doc="MeBP: backprop with activation checkpointing"
+    ),
+}
+
+
+# Server learning rate when ``server.lr`` is unset: FedAvg takes the plain mean (1.0); the
+# adaptive servers use the Spry release's 1e-2.
+SERVER_DEFAULT_LR = {
+    "fedavg": 1.0,
+    "sgd": 1.0,
+    "fedadam": 1e-2,
+    "fedyogi": 1e-2,
+    "optax_adam": 1e-2,
+    "optax_yogi": 1e-2,
+    "adam": 1e-3,
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"method={name!r} is unknown; choose one of {', '.join(sorted(METHODS))}.")
+    return METHODS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundParts:
+    estimator: estimators.Estimator
+    client_optimizer: optax.GradientTransformation
+    server_optimizer: optax.GradientTransformation
+    split: bool
+    max_steps: int | None
+    fwd_sigma: float | None
+
+
+def build_round_parts(cfg: Any) -> RoundParts:
+    """Resolves the method row and the config into estimator and optimizers."""
+    method = get_method(cfg.method)
+    if cfg.comm_mode not in method.comm_modes:
+        raise ValueError(
+            f"comm_mode={cfg.comm_mode!r} is not available for method={cfg.method!r}; "
+            f"it supports {method.comm_modes}."
+        )
+    client_name = method.client if cfg.client.optimizer == "auto" else cfg.client.optimizer
+    client_lr = method.client_lr if method.client_lr is not None else cfg.client.lr
+    server_name = method.server if cfg.server.optimizer == "auto" else cfg.server.optimizer
+    server_lr = cfg.server.lr if cfg.server.lr is not None else SERVER_DEFAULT_LR[server_name]
+    return RoundParts(
+        estimator=ESTIMATORS[method.estimator](cfg),
+        client_optimizer=client_lib.make_client_optimizer(
+            client_name,
+            client_lr,
+            b1=cfg.client.b1,
+            b2=cfg.client.b2,
+            eps=cfg.client.eps,
+            weight_decay=cfg.client.weight_decay,
+        ),
+        server_optimizer=server_lib.make_server_optimizer(
+            server_name, server_lr, cfg.server.b1, cfg.server.b2, cfg.server.tau
+        ),
+        split=method.split,
+        max_steps=method.max_steps,
+        fwd_sigma=cfg.fwd.sigma if method.estimator == "forward" else None,
+    )

@@ -1,0 +1,76 @@
+"""Metrics files: ``metrics.jsonl`` (one record per round), atomic JSON writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Writes JSON to ``path`` via a temp file and rename, so a crash never leaves half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def brief(record: dict[str, Any]) -> str:
+    keys = ("train/loss", "eval/generalized_accuracy", "eval/personalized_accuracy", "time/round_s")
+    return " ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``.
+
+    On resume (``keep_before=r``) the records of rounds ``>= r`` -- written after the checkpoint
+    that is being resumed -- are dropped (atomically) so the file holds each round once. A torn
+    last line from a killed process is dropped too.
+    """
+
+    def __init__(self, path: str, keep_before: int = 0):
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if rec.get("round", math.inf) < keep_before:
+                        self.records.append(rec)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            for rec in self.records:
+                f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+
+    def last(self, key: str) -> Any:
+        for rec in reversed(self.records):
+            if key in rec:
+                return rec[key]
+        return None
+
+    def last_eval(self) -> dict[str, float]:
+        for rec in reversed(self.records):
+            found = {k: v for k, v in rec.items() if k.startswith("eval/")}
+            if found:
+                return found
+        return {}
+
+    def total(self, key: str) -> float:
+        return float(sum(rec.get(key, 0) for rec in self.records))

@@ -1,0 +1,296 @@
+"""``train_and_evaluate(config, workdir)``: the one round loop.
+
+restore -> sample clients -> pack -> round (one XLA program) -> log -> evaluate -> checkpoint.
+It never branches on dataset, model or method names: those are resolved by the data registry,
+the model registry and the algorithm table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from spry_jax import checkpoint as ckpt_lib
+from spry_jax import config as config_lib
+from spry_jax import data as data_lib
+from spry_jax import methods, models, tasks
+from spry_jax import metrics as metrics_lib
+from spry_jax.core import round as round_lib
+from spry_jax.core import units as units_lib
+from spry_jax.types import SplitModel
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything built from a config, before the first round (useful in notebooks)."""
+
+    config: ml_collections.ConfigDict
+    fed: Any
+    model: SplitModel
+    spec: round_lib.RoundSpec
+    round_fn: Any
+    num_steps: int
+    eval_steps: int
+
+    def init_state(self) -> round_lib.ServerState:
+        state = round_lib.init_server_state(
+            self.model.trainable, self.spec.server_optimizer, self.config.seed
+        )
+        return self.replicate(state)
+
+    def replicate(self, tree: Any) -> Any:
+        """Places a pytree replicated on the mesh (the round's outputs come back that way, so
+        inputs placed alike compile once)."""
+        if self.spec.mesh is None:
+            return tree
+        return jax.device_put(tree, NamedSharding(self.spec.mesh, P()))
+
+    def shard_clients(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Places per-client arrays with the client axis split over the mesh."""
+        if self.spec.mesh is None:
+            return {k: jnp.asarray(v) for k, v in batch.items()}
+        sharding = NamedSharding(self.spec.mesh, P(round_lib.CLIENT_AXIS))
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+
+    def sample_clients(self, round_index: int) -> np.ndarray:
+        """The clients of a round: deterministic in (seed, round), so runs resume exactly."""
+        rng = np.random.default_rng([self.config.seed, round_index, 0xC11E])
+        return np.sort(
+            rng.choice(self.config.num_clients, self.config.clients_per_round, replace=False)
+        )
+
+    def round_batches(self, round_index: int, clients: np.ndarray) -> dict[str, jax.Array]:
+        rng = np.random.default_rng([self.config.seed, round_index, 0xBA7C])
+        packed = data_lib.pack_clients(
+            [self.fed.train[c] for c in clients],
+            batch_size=self.config.client.batch_size,
+            epochs=self.config.client.epochs,
+            rng=rng,
+            num_slots=self.spec.num_slots,
+            max_steps=self.num_steps,
+        )
+        return self.shard_clients(packed)
+
+    def eval_batches(self, clients: np.ndarray) -> dict[str, jax.Array]:
+        packed = data_lib.pack_eval(
+            [self.fed.test[c] for c in clients],
+            batch_size=self.config.eval_batch_size,
+            num_slots=self.spec.num_slots,
+        )
+        return self.shard_clients({k: _pad_steps(v, self.eval_steps) for k, v in packed.items()})
+
+
+def _pad_steps(x: np.ndarray, steps: int) -> np.ndarray:
+    """Pads axis 1 (steps) with zeros (masked) so every round has the same shapes."""
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, steps - x.shape[1])
+    return np.pad(x, pad)
+
+
+def _load_tokenizer(config: ml_collections.ConfigDict):
+    if config.data.name == "synthetic":
+        return None
+    return models.load_tokenizer(config.model.name)
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+    """Data, model, method row and the jitted round program for a config."""
+    config_lib.validate(config)
+    fed = data_lib.make_federated_data(
+        config.data,
+        num_clients=config.num_clients,
+        tokenizer=_load_tokenizer(config),
+        seed=config.seed,
+    )
+    model = models.make_split_model(
+        config.model, config.peft, task=fed.task, num_labels=fed.num_labels, seed=config.seed
+    )
+    parts = methods.build_round_parts(config)
+    units = units_lib.make_units(
+        model.order, config.split.tensors_per_unit, model.head_keys, config.split.classifier_share
+    )
+    backend = config.round.backend
+    mesh = None
+    num_slots = config.clients_per_round
+    if backend == "shard_map":
+        mesh = round_lib.make_client_mesh(config.round.num_devices or None)
+        num_slots = round_lib.padded_slots(num_slots, mesh.shape[round_lib.CLIENT_AXIS])
+    spec = round_lib.RoundSpec(
+        loss_fn=tasks.make_loss_fn(model),
+        estimator=parts.estimator,
+        client_optimizer=parts.client_optimizer,
+        server_optimizer=parts.server_optimizer,
+        units=units,
+        split=parts.split,
+        clients_per_round=config.clients_per_round,
+        num_slots=num_slots,
+        comm_mode=config.comm_mode,
+        backend=backend,
+        mesh=mesh,
+        fwd_sigma=parts.fwd_sigma,
+        eval_fn=tasks.make_eval_fn(model) if fed.task == "classification" else None,
+    )
+    b = config.client.batch_size
+    max_train = max(len(t["input_ids"]) for t in fed.train)
+    num_steps = config.client.epochs * math.ceil(max_train / b)
+    caps = [s for s in (config.client.max_steps, parts.max_steps) if s]
+    if caps:
+        num_steps = min([num_steps, *caps])
+    max_test = max(len(t["input_ids"]) for t in fed.test)
+    eval_steps = max(1, math.ceil(max_test / config.eval_batch_size))
+    return Experiment(
+        config, fed, model, spec, round_lib.make_round_fn(spec), num_steps, eval_steps
+    )
+
+
+def _identity(exp: Experiment) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed (the base weights themselves are not saved)."""
+    c = exp.config
+    identity = {
+        "method": c.method,
+        "comm_mode": c.comm_mode,
+        "model": c.model.name,
+        "model_fingerprint": models_fingerprint(exp.model),
+        "peft": c.peft.to_dict(),
+        "data_fingerprint": exp.fed.fingerprint,
+        "seed": c.seed,
+        "clients_per_round": c.clients_per_round,
+    }
+    return json.loads(json.dumps(identity))  # as it reads back from JSON (tuples -> lists)
+
+
+def models_fingerprint(model: SplitModel) -> str:
+    """A hash of the frozen base's leaf names, shapes, dtypes and a strided sample of values."""
+    import hashlib
+
+    h = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(model.frozen)[0]
+    for path, leaf in leaves:
+        arr = np.asarray(leaf)
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str((arr.shape, arr.dtype)).encode())
+        flat = arr.reshape(-1)
+        h.update(np.ascontiguousarray(flat[:: max(1, flat.size // 64)]).tobytes())
+    for k in model.order:
+        h.update(k.encode())
+    return h.hexdigest()[:16]
+
+
+def _is_eval_round(config: ml_collections.ConfigDict, r: int) -> bool:
+    last = r == config.rounds - 1
+    return last or (config.eval_every > 0 and (r + 1) % config.eval_every == 0)
+
+
+def _is_checkpoint_round(config: ml_collections.ConfigDict, r: int) -> bool:
+    last = r == config.rounds - 1
+    return last or (config.checkpoint_every > 0 and (r + 1) % config.checkpoint_every == 0)
+
+
+def _eval_record(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for name in ("generalized", "personalized"):
+        sums = {k: float(v) for k, v in metrics["eval"][name].items()}
+        count = max(sums["count"], 1.0)
+        out[f"eval/{name}_accuracy"] = sums["correct"] / count
+        out[f"eval/{name}_loss"] = sums["loss_sum"] / count
+    out["eval/examples"] = float(metrics["eval"]["generalized"]["count"])
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) an experiment in ``workdir``; returns the summary.
+
+    Writes ``config.json``, ``metrics.jsonl`` (one record per round), ``checkpoints/`` (orbax)
+    and ``summary.json``. Rerunning the same command resumes from the last checkpoint; the
+    metrics of rounds after it are recomputed bit-for-bit.
+    """
+    config = ml_collections.ConfigDict(config)
+    config_lib.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    t_build = time.time()
+    exp = build_experiment(config)
+    identity = _identity(exp)
+    state = exp.init_state()
+    manager = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+    restored = manager.restore_latest(state, identity)
+    start = 0
+    if restored is not None:
+        state, start = restored
+        state = exp.replicate(state)
+        logging.info("Resumed from the checkpoint after round %d.", start - 1)
+    metrics_lib.write_json_atomic(
+        os.path.join(workdir, "config.json"), json.loads(config.to_json())
+    )
+    log = metrics_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"), keep_before=start)
+    logging.info(
+        "method=%s model=%s data=%s: %d trainable tensors in %d units, %d clients/round, "
+        "%d local steps, build %.1fs",
+        config.method,
+        config.model.name,
+        config.data.name,
+        len(exp.model.order),
+        exp.spec.units.num_units,
+        config.clients_per_round,
+        exp.num_steps,
+        time.time() - t_build,
+    )
+    last_eval: dict[str, float] = log.last_eval()
+    frozen = exp.replicate(exp.model.frozen)
+    wall0 = time.time()
+    for r in range(start, config.rounds):
+        t0 = time.time()
+        clients = exp.sample_clients(r)
+        batches = exp.round_batches(r, clients)
+        do_eval = _is_eval_round(config, r) and exp.spec.eval_fn is not None
+        eval_batches = exp.eval_batches(clients) if do_eval else None
+        new_state, m = exp.round_fn(state, frozen, batches, None, eval_batches)
+        loss = float(m["train/loss"])
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"train/loss is {loss} in round {r}; stopping. The last good checkpoint in "
+                f"{manager.directory} is intact. Lower client.lr or fwd.sigma and rerun."
+            )
+        state = new_state
+        seconds = time.time() - t0
+        up, down = round_lib.comm_bytes(exp.spec, exp.model.trainable, m, config.fwd.num_tangents)
+        record = {
+            "round": r,
+            "train/loss": loss,
+            "train/examples": float(m["train/examples"]),
+            "train/examples_per_s": float(m["train/examples"]) / max(seconds, 1e-9),
+            "time/round_s": seconds,
+            "time/wall_s": time.time() - wall0,
+            "comm/up_bytes": up,
+            "comm/down_bytes": down,
+        }
+        if do_eval:
+            last_eval = _eval_record(m)
+            record.update(last_eval)
+        log.append(record)
+        logging.info("round %d: %s", r, metrics_lib.brief(record))
+        if _is_checkpoint_round(config, r):
+            manager.save(r + 1, state, identity)
+    manager.close()
+    summary = {
+        "rounds": config.rounds,
+        "method": config.method,
+        "final": last_eval,
+        "train/loss": log.last("train/loss"),
+        "time/total_s": log.total("time/round_s"),
+        "comm/up_bytes": log.total("comm/up_bytes"),
+        "comm/down_bytes": log.total("comm/down_bytes"),
+    }
+    metrics_lib.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    return summary
