@@ -188,6 +188,11 @@ def models_fingerprint(model: SplitModel) -> str:
     return h.hexdigest()[:16]
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _is_eval_round(config: ml_collections.ConfigDict, r: int) -> bool:
     last = r == config.rounds - 1
     return last or (config.eval_every > 0 and (r + 1) % config.eval_every == 0)
@@ -257,10 +262,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_batches = exp.eval_batches(clients) if do_eval else None
         new_state, m = exp.round_fn(state, frozen, batches, None, eval_batches)
         loss = float(m["train/loss"])
-        if not math.isfinite(loss):
+        if not (math.isfinite(loss) and bool(_all_finite(new_state.params))):
+            what = (
+                f"train/loss is {loss}" if not math.isfinite(loss) else "the weights are not finite"
+            )
             raise FloatingPointError(
-                f"train/loss is {loss} in round {r}; stopping. The last good checkpoint in "
-                f"{manager.directory} is intact. Lower client.lr or fwd.sigma and rerun."
+                f"{what} after round {r}; stopping without saving. The last good checkpoint in "
+                f"{manager.directory} is intact. Lower client.lr (or fwd.sigma) and rerun."
             )
         state = new_state
         seconds = time.time() - t0

@@ -1,0 +1,133 @@
+"""End to end: the CLI on the smoke config, resume equality, the NaN guard, config errors."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from spry_jax import config as config_lib
+from spry_jax import train
+from spry_jax.checkpoint import CheckpointMismatchError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _smoke(**overrides) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(
+        "smoke", os.path.join(ROOT, "experiments/smoke.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    cfg.round.backend = "vmap"
+    for k, v in overrides.items():
+        node = cfg
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return cfg
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _strip_times(rec):
+    return {
+        k: v for k, v in rec.items() if not k.startswith("time/") and k != "train/examples_per_s"
+    }
+
+
+def test_cli_runs_two_rounds_of_spry_and_writes_the_contract_files(tmp_path):
+    workdir = tmp_path / "smoke"
+    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a user would run it
+    cmd = [
+        sys.executable,
+        "-m",
+        "spry_jax.main",
+        "--config=experiments/smoke.py",
+        f"--workdir={workdir}",
+    ]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = json.loads((workdir / "config.json").read_text())
+    assert cfg["method"] == "spry" and cfg["rounds"] == 2
+    records = _records(workdir)
+    assert [r["round"] for r in records] == [0, 1]
+    for r in records:
+        for key in (
+            "train/loss",
+            "time/round_s",
+            "comm/up_bytes",
+            "comm/down_bytes",
+            "eval/generalized_accuracy",
+            "eval/personalized_accuracy",
+        ):
+            assert key in r, key
+        assert 0.0 <= r["eval/generalized_accuracy"] <= 1.0
+        assert r["comm/up_bytes"] > 0 and r["comm/down_bytes"] > r["comm/up_bytes"]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["rounds"] == 2 and "eval/generalized_accuracy" in summary["final"]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+
+    # Rerunning the same command resumes (nothing left to do) and does not lose metrics.
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [r["round"] for r in _records(workdir)] == [0, 1]
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train.train_and_evaluate(_smoke(rounds=3), str(full))
+    train.train_and_evaluate(_smoke(rounds=2), str(part))  # "interrupted" after round 1
+    train.train_and_evaluate(_smoke(rounds=3), str(part))  # the same command again: resumes
+    a, b = _records(full), _records(part)
+    assert [r["round"] for r in b] == [0, 1, 2]
+    for ra, rb in zip(a, b, strict=True):
+        assert _strip_times(ra) == _strip_times(rb)
+
+
+def test_checkpoint_from_another_method_is_refused(tmp_path):
+    train.train_and_evaluate(_smoke(rounds=1), str(tmp_path))
+    with pytest.raises(CheckpointMismatchError, match="method"):
+        train.train_and_evaluate(_smoke(rounds=2, method="fedfgd"), str(tmp_path))
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    train.train_and_evaluate(_smoke(rounds=1), str(tmp_path))
+    before = _records(tmp_path)
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        train.train_and_evaluate(
+            _smoke(rounds=3, **{"client.lr": 1e38, "fwd.sigma": 1e10}), str(tmp_path)
+        )
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+    assert _records(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"clients_per_round": 9}, "clients_per_round"),
+        ({"client.lr": 0.0}, "client.lr"),
+        ({"client.lr": -1e-3}, "client.lr"),
+        ({"method": "fedprox"}, "method"),
+        ({"data.name": "imagenet"}, "data.name"),
+        ({"comm_mode": "per_iteration", "method": "fedavg"}, "comm_mode"),
+        ({"fwd.num_tangents": 0}, "fwd.num_tangents"),
+        ({"server.optimizer": "fedprox"}, "server.optimizer"),
+    ],
+)
+def test_invalid_configs_are_rejected_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        config_lib.validate(_smoke(**overrides))
+
+
+def test_unknown_model_is_rejected_clearly(tmp_path):
+    with pytest.raises(Exception, match="no-such-model"):
+        train.train_and_evaluate(_smoke(**{"model.name": "no-such-model"}), str(tmp_path))
