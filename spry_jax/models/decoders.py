@@ -416,7 +416,9 @@ class DecoderForTask(nnx.Module):
     ``Cls(config, *, task, num_labels, dtype, quant, pooling, rngs)``; calling
     ``model(input_ids, attention_mask, dropout_rng=None)`` returns classification logits
     ``[batch, num_labels]``, QA logits ``[batch, seq, 2]`` or LM logits ``[batch, seq, vocab]``.
-    The head is kept in float32 (it is trainable under every PEFT method) and never quantised.
+    The head is kept in float32 (it is trainable under every PEFT method) and never quantised;
+    an untied ``lm_head`` (Llama 2: vocab x hidden) is therefore a large trainable head, while a
+    tied one is the frozen input embedding and leaves ``head_prefixes`` empty.
     """
 
     BACKBONE: type = nnx.Module
@@ -451,9 +453,7 @@ class DecoderForTask(nnx.Module):
         elif task == "qa":
             qa_outputs = layers.Linear(out_dim, 2, use_bias=True, rngs=rngs)
         elif not self.tied:
-            lm_head = layers.Linear(
-                out_dim, config.vocab_size, use_bias=False, dtype=dtype, rngs=rngs
-            )
+            lm_head = layers.Linear(out_dim, config.vocab_size, use_bias=False, rngs=rngs)
         self.score = nnx.data(score)
         self.qa_outputs = nnx.data(qa_outputs)
         self.lm_head = nnx.data(lm_head)
@@ -470,6 +470,8 @@ class DecoderForTask(nnx.Module):
     def __call__(
         self, input_ids: Array, attention_mask: Array | None = None, *, dropout_rng=None
     ) -> Array:
+        """Float32 logits for ``input_ids`` ``[batch, seq]`` (``attention_mask`` 1 = real token;
+        None = all real); ``dropout_rng`` None = deterministic."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
