@@ -9,6 +9,7 @@ renames it when complete, so a process killed mid-write leaves the previous chec
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 import jax
@@ -16,6 +17,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from spry_jax.core.round import ServerState
+
+FAULT_ENV = "SPRY_JAX_FAULT"
+
+
+def _inject_fault(point: str, step: int) -> None:
+    """Fault injection for the crash-safety tests: ``SPRY_JAX_FAULT=during_checkpoint:2`` kills
+    the process with SIGKILL while checkpoint 2 is being written (``after_checkpoint`` once it is
+    complete). Unset in normal runs."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec and spec == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CheckpointMismatchError(ValueError):
@@ -48,7 +60,9 @@ class Checkpointer:
                 identity=ocp.args.JsonSave(identity),
             ),
         )
+        _inject_fault("during_checkpoint", step)
         self._manager.wait_until_finished()
+        _inject_fault("after_checkpoint", step)
 
     def restore_latest(
         self, template: ServerState, identity: dict[str, Any]

@@ -25,7 +25,8 @@ from jax.sharding import PartitionSpec as P
 from spry_jax import checkpoint as ckpt_lib
 from spry_jax import config as config_lib
 from spry_jax import data as data_lib
-from spry_jax import methods, models, tasks
+from spry_jax import memory as memory_lib
+from spry_jax import methods, models, reporting, tasks
 from spry_jax import metrics as metrics_lib
 from spry_jax.core import round as round_lib
 from spry_jax.core import units as units_lib
@@ -214,6 +215,48 @@ def _eval_record(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def evaluate_qa(exp: Experiment, params: Any, frozen: Any, clients: np.ndarray) -> dict[str, float]:
+    """SQuAD v2 exact match / F1 (percent) of ``params`` on the clients' local test features,
+    with the standard n-best post-processing (host side)."""
+    apply = jax.jit(lambda p, ids, m: exp.model.apply_fn(p, frozen, ids, m, None))
+    bs = exp.config.eval_batch_size
+    ds = exp.fed.dataset
+    preds: dict[int, str] = {}
+    for c in clients:
+        t = exp.fed.test[c]
+        n = len(t["input_ids"])
+        if n == 0:
+            continue
+        logits = []
+        for i in range(0, n, bs):
+            ids, m = t["input_ids"][i : i + bs], t["attention_mask"][i : i + bs]
+            pad = bs - len(ids)
+            out = apply(params, np.pad(ids, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0))))
+            logits.append(np.asarray(out)[: len(ids)])
+        logits = np.concatenate(logits)
+        preds.update(
+            data_lib.postprocess_qa(
+                logits[..., 0], logits[..., 1], t["offsets"], t["example_index"], ds.text_pairs
+            )
+        )
+    refs = {ex: list(ds.answers[ex]["text"]) for ex in preds}
+    scores = data_lib.squad_v2_metrics(preds, refs)
+    return {
+        "eval/generalized_exact_match": float(scores["exact_match"]),
+        "eval/generalized_f1": float(scores["f1"]),
+        "eval/examples": float(len(preds)),
+    }
+
+
+def client_step_memory(exp: Experiment) -> dict[str, int]:
+    """XLA memory estimate of one client step of this experiment (one batch)."""
+    b = exp.config.client.batch_size
+    first = exp.fed.train[0]
+    batch = {k: jnp.asarray(np.resize(v, (b, *v.shape[1:]))) for k, v in first.items()}
+    batch["example_mask"] = jnp.ones((b,), jnp.float32)
+    return memory_lib.client_step_memory(exp.spec, exp.model.trainable, exp.model.frozen, batch)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) an experiment in ``workdir``; returns the summary.
 
@@ -239,6 +282,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         os.path.join(workdir, "config.json"), json.loads(config.to_json())
     )
     log = metrics_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"), keep_before=start)
+    board = reporting.TensorBoard(workdir)
+    memory = client_step_memory(exp) if config.log_memory else {}
+    progress = reporting.Progress(start, config.rounds)
     logging.info(
         "method=%s model=%s data=%s: %d trainable tensors in %d units, %d clients/round, "
         "%d local steps, build %.1fs",
@@ -258,8 +304,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         t0 = time.time()
         clients = exp.sample_clients(r)
         batches = exp.round_batches(r, clients)
-        do_eval = _is_eval_round(config, r) and exp.spec.eval_fn is not None
-        eval_batches = exp.eval_batches(clients) if do_eval else None
+        do_eval = _is_eval_round(config, r)
+        in_program_eval = do_eval and exp.spec.eval_fn is not None
+        eval_batches = exp.eval_batches(clients) if in_program_eval else None
+        params_before = state.params
         new_state, m = exp.round_fn(state, frozen, batches, None, eval_batches)
         loss = float(m["train/loss"])
         if not (math.isfinite(loss) and bool(_all_finite(new_state.params))):
@@ -283,14 +331,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "comm/up_bytes": up,
             "comm/down_bytes": down,
         }
-        if do_eval:
+        if r == start and memory:
+            record.update({f"memory/client_step_{k}": v for k, v in memory.items()})
+        if in_program_eval:
             last_eval = _eval_record(m)
+        elif do_eval and exp.fed.task == "qa":
+            last_eval = evaluate_qa(exp, params_before, frozen, clients)
+        if do_eval:
             record.update(last_eval)
         log.append(record)
+        board.write(record)
+        progress.update(record)
         logging.info("round %d: %s", r, metrics_lib.brief(record))
         if _is_checkpoint_round(config, r):
             manager.save(r + 1, state, identity)
     manager.close()
+    board.close()
+    progress.close()
+    if log.records:
+        reporting.plot_run(
+            log.records,
+            os.path.join(workdir, "curves.png"),
+            f"{config.method} / {config.model.name} / {config.data.name}",
+        )
     summary = {
         "rounds": config.rounds,
         "method": config.method,
@@ -299,6 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "time/total_s": log.total("time/round_s"),
         "comm/up_bytes": log.total("comm/up_bytes"),
         "comm/down_bytes": log.total("comm/down_bytes"),
+        **{f"memory/client_step_{k}": v for k, v in memory.items()},
     }
     metrics_lib.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     return summary

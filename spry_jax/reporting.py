@@ -1,0 +1,87 @@
+"""What a run shows a person: TensorBoard events, PNG plots, a terminal progress bar."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+SCALAR_PREFIXES = ("train/", "eval/", "comm/", "time/", "memory/")
+
+
+class TensorBoard:
+    """Scalars of every metrics record to ``workdir/tensorboard`` (tensorboardX event files)."""
+
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = int(record["round"])
+        for k, v in record.items():
+            if k.startswith(SCALAR_PREFIXES) and isinstance(v, (int, float)):
+                self._writer.add_scalar(k, float(v), step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def plot_run(records: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
+    """Loss and accuracy against round and against wall time, one PNG (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = np.array([r["round"] for r in records])
+    wall = np.array([r.get("time/wall_s", np.nan) for r in records])
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for col, (x, xlabel) in enumerate(((rounds, "round"), (wall, "wall time (s)"))):
+        ax = axes[0, col]
+        ax.plot(x, [r["train/loss"] for r in records], label="train/loss")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax = axes[1, col]
+        for name in ("generalized", "personalized"):
+            key = f"eval/{name}_accuracy"
+            pts = [(xi, r[key]) for xi, r in zip(x, records, strict=True) if key in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=key)
+        for name in ("exact_match", "f1"):
+            key = f"eval/generalized_{name}"
+            pts = [(xi, r[key] / 100.0) for xi, r in zip(x, records, strict=True) if key in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{key} / 100")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+class Progress:
+    """A tqdm bar over rounds with ETA and the latest metrics (quiet when not a terminal)."""
+
+    def __init__(self, start: int, total: int):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, initial=start, unit="round", dynamic_ncols=True)
+
+    def update(self, record: dict[str, Any]) -> None:
+        shown = {"loss": record["train/loss"]}
+        for k in ("eval/generalized_accuracy", "eval/personalized_accuracy"):
+            if k in record:
+                shown[k.split("/")[1].split("_")[0][:3] + "_acc"] = record[k]
+        self._bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
