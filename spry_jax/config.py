@@ -62,6 +62,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.fwd.sigma = 1.0  # tangent std; E[g] = sigma^2 grad
     c.fwd.tangent_batching = "vmap"  # "vmap" (fast) | "map" (sequential, least memory)
 
+    c.zo = ml_collections.ConfigDict()
+    c.zo.eps = 1e-3  # FedMeZO: perturbation scale, forwards at w +- eps z
+    c.zo.num_perturbations = 1  # FedMeZO: SPSA directions per step (averaged)
+    c.zo.baffle_sigma = 1e-4  # Baffle+: perturbation scale
+    c.zo.baffle_num_perturbations = 10  # Baffle+: K directions per step, each weighted 1/K
+    c.zo.fwdllm_eps = 1e-3  # FwdLLM+: finite-difference scale
+    c.zo.fwdllm_num_candidates = 10  # FwdLLM+: directions drawn per step before selection
+    c.zo.fwdllm_num_perturbations = 2  # FwdLLM+: K most aligned with the last update, used
+    c.zo.fwdllm_var_threshold = 0.0  # FwdLLM+: drop steps noisier than this; 0 = off
+
+    c.lcsb = ml_collections.ConfigDict()
+    c.lcsb.layers_per_step = 1  # LCSB: layers per cyclic block (the task head is in every block)
+
     c.client = ml_collections.ConfigDict()
     c.client.optimizer = "auto"  # "auto" (the method's) | "adamw" | "adam" | "sgd"
     c.client.lr = 1e-4  # client learning rate
@@ -88,6 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.round.backend = "shard_map"  # "shard_map" | "vmap" | "loop" | "debug"
     c.round.num_devices = 0  # devices on the 'clients' mesh axis; 0 = all
     c.eval_batch_size = 64  # evaluation batch size
+    c.log_memory = True  # record XLA's memory estimate of one client step (compiles it once)
     return c
 
 
