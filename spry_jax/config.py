@@ -32,6 +32,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.max_length = 64  # tokens per example (384 for QA)
     c.data.test_fraction = 0.2  # each client's local test split
     c.data.max_examples = 0  # 0 = all; else a deterministic subsample (CPU runs)
+    c.data.qa_stride = 128  # QA: overlap of the sliding window over long contexts
+    c.data.path = ""  # local file/directory for csv/jsonl/parquet/squad_json or a hub copy
     c.data.vocab_size = 128  # synthetic only: token ids in [4, vocab_size)
     c.data.num_examples = 2000  # synthetic only
     c.data.num_labels = 2  # synthetic only
@@ -45,6 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.1  # model dropout (hidden and attention), active in training
     c.model.pooling = "default"  # "default" (the family's head) | "mean"
     c.model.overrides = config_dict.placeholder(dict)  # HF config overrides (tiny models)
+    c.model.tokenizer = ""  # tokenizer name/path; "" = the model's own
 
     c.peft = ml_collections.ConfigDict()
     c.peft.method = "lora"  # "lora" | "ia3" | "bitfit" | "head"
@@ -103,6 +106,66 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 64  # evaluation batch size
     c.log_memory = True  # record XLA's memory estimate of one client step (compiles it once)
     return c
+
+
+def paper_setting(
+    c: ml_collections.ConfigDict,
+    *,
+    dataset: str,
+    model: str,
+    clients_per_round: int,
+    num_clients: int,
+    max_length: int = 64,
+) -> ml_collections.ConfigDict:
+    """The release's common settings (REFERENCE.md §3): LoRA r = alpha = 1 on query/value,
+    AdamW 1e-4, batch 8, one local epoch, FedYogi server, 1500 rounds."""
+    c.method = "spry"
+    c.rounds = 1500
+    c.eval_every = 50
+    c.checkpoint_every = 50
+    c.num_clients = num_clients
+    c.clients_per_round = clients_per_round
+    c.data.name = dataset
+    c.data.partition = "dirichlet"
+    c.data.alpha = 1.0
+    c.data.max_length = max_length
+    c.model.name = model
+    c.peft.method = "lora"
+    c.peft.lora_rank = 1
+    c.peft.lora_alpha = 1.0
+    c.client.lr = 1e-4
+    c.client.batch_size = 8
+    c.client.epochs = 1
+    return c
+
+
+def local_variant(
+    c: ml_collections.ConfigDict, *, dataset: str, model: str, **model_fields
+) -> ml_collections.ConfigDict:
+    """Shrinks a paper setting to run on a laptop CPU in minutes: the same method, PEFT and
+    optimizers on an offline stand-in dataset and model, few clients and rounds."""
+    c.rounds = 3
+    c.eval_every = 1
+    c.checkpoint_every = 1
+    c.num_clients = 20
+    c.clients_per_round = min(c.clients_per_round, 4)
+    c.data.name = dataset
+    c.data.max_examples = 800
+    c.data.max_length = min(c.data.max_length, 48)
+    c.model.name = model
+    for k, v in model_fields.items():
+        c.model[k] = v
+    c.client.max_steps = 4
+    c.eval_batch_size = 32
+    c.round.backend = "vmap"
+    return c
+
+
+def check_variant(variant: str, known: tuple[str, ...] = ("", "local")) -> None:
+    if variant not in known:
+        raise ValueError(
+            f"config variant {variant!r} is unknown; use one of {known} (file.py:local)."
+        )
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

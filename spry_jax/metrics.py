@@ -21,7 +21,14 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def brief(record: dict[str, Any]) -> str:
-    keys = ("train/loss", "eval/generalized_accuracy", "eval/personalized_accuracy", "time/round_s")
+    keys = (
+        "train/loss",
+        "eval/generalized_accuracy",
+        "eval/personalized_accuracy",
+        "eval/generalized_exact_match",
+        "eval/generalized_f1",
+        "time/round_s",
+    )
     return " ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
 
 

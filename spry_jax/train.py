@@ -103,7 +103,7 @@ def _pad_steps(x: np.ndarray, steps: int) -> np.ndarray:
 def _load_tokenizer(config: ml_collections.ConfigDict):
     if config.data.name == "synthetic":
         return None
-    return models.load_tokenizer(config.model.name)
+    return models.load_tokenizer(config.model.tokenizer or config.model.name)
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -242,7 +242,7 @@ def evaluate_qa(exp: Experiment, params: Any, frozen: Any, clients: np.ndarray) 
     refs = {ex: list(ds.answers[ex]["text"]) for ex in preds}
     scores = data_lib.squad_v2_metrics(preds, refs)
     return {
-        "eval/generalized_exact_match": float(scores["exact_match"]),
+        "eval/generalized_exact_match": float(scores["exact"]),
         "eval/generalized_f1": float(scores["f1"]),
         "eval/examples": float(len(preds)),
     }

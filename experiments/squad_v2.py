@@ -1,0 +1,54 @@
+"""SQuAD v2 (extractive QA) with OPT-6.7B on a 4-bit base, 10 of 500 clients per round,
+sequence 384, split by article title (OPT-13B: --config.model.name=opt-13b).
+
+    python -m spry_jax.main --config=experiments/squad_v2.py --workdir=runs/squad_v2
+    python -m spry_jax.main --config=experiments/squad_v2.py:local --workdir=runs/squad_local
+
+Evaluation reports SQuAD v2 exact match and F1 (n-best post-processing) of the global model.
+``:local``: a randomly initialised 2-layer OPT on the small hand-written SQuAD-format file of
+the test suite, tokenized with the MiniLM tokenizer (pipeline check only).
+"""
+
+import os
+
+from spry_jax.config import check_variant, default_config, local_variant, paper_setting
+
+_TINY_SQUAD = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "squad_tiny.json")
+
+
+def get_config(variant: str = ""):
+    check_variant(variant)
+    c = paper_setting(
+        default_config(),
+        dataset="squad_v2",
+        model="opt-6.7b",
+        clients_per_round=10,
+        num_clients=500,
+        max_length=384,
+    )
+    c.data.partition = "natural"
+    c.model.quant = "int4"
+    if variant == "local":
+        local_variant(
+            c,
+            dataset="squad_json",
+            model="opt-6.7b",
+            pretrained=False,
+            tokenizer="minilm",
+            quant="none",
+            overrides={
+                "num_hidden_layers": 2,
+                "hidden_size": 32,
+                "ffn_dim": 64,
+                "num_attention_heads": 4,
+                "word_embed_proj_dim": 32,
+                "vocab_size": 30522,
+            },
+        )
+        c.data.path = os.path.abspath(_TINY_SQUAD)
+        c.data.max_length = 128
+        c.data.qa_stride = 32
+        c.num_clients = 2
+        c.clients_per_round = 2
+        c.client.batch_size = 4
+    return c
