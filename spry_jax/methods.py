@@ -15,8 +15,9 @@ from typing import Any
 import optax
 
 from spry_jax.core import client as client_lib
-from spry_jax.core import estimators
+from spry_jax.core import estimators, zero_order
 from spry_jax.core import server as server_lib
+from spry_jax.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,18 @@ ESTIMATORS: dict[str, Callable[[Any], estimators.Estimator]] = {
     "forward": _forward,
     "backprop": lambda cfg: estimators.backprop(remat=False),
     "backprop_remat": lambda cfg: estimators.backprop(remat=True),
+    "backprop_mesp": lambda cfg: estimators.backprop_mesp(layers.lora_recompute),
+    "lcsb": lambda cfg: estimators.lcsb(cfg.lcsb.layers_per_step),
+    "mezo": lambda cfg: zero_order.spsa(cfg.zo.num_perturbations, cfg.zo.eps, "zo"),
+    "baffle": lambda cfg: zero_order.spsa(
+        cfg.zo.baffle_num_perturbations, cfg.zo.baffle_sigma, "zo.baffle"
+    ),
+    "fwdllm": lambda cfg: zero_order.fwdllm(
+        cfg.zo.fwdllm_num_candidates,
+        cfg.zo.fwdllm_num_perturbations,
+        cfg.zo.fwdllm_eps,
+        cfg.zo.fwdllm_var_threshold,
+    ),
 }
 
 BOTH = ("per_epoch", "per_iteration")
@@ -86,6 +99,34 @@ METHODS: dict[str, Method] = {
     "fedyogi_split": Method("backprop", True, "fedyogi", doc="backprop on Spry's split, FedYogi"),
     "fedavg_remat": Method(
         "backprop_remat", False, "fedavg", doc="MeBP: backprop with activation checkpointing"
+    ),
+    "fedmezo": Method(
+        "mezo", False, "fedavg", doc="FedMeZO: zero-order SPSA (two forwards at w +- eps z)"
+    ),
+    "baffle_plus": Method(
+        "baffle",
+        False,
+        "fedyogi",
+        doc="Baffle+: zero-order central differences, K = 10, sigma = 1e-4, FedYogi",
+    ),
+    "fwdllm_plus": Method(
+        "fwdllm",
+        False,
+        "fedyogi",
+        doc="FwdLLM+: finite-difference forward gradient along directions picked for "
+        "similarity to the last round's update, FedYogi",
+    ),
+    "fedavg_mesp": Method(
+        "backprop_mesp",
+        False,
+        "fedavg",
+        doc="MeSP: backprop recomputing the LoRA intermediate xA in the backward pass",
+    ),
+    "fedavg_lcsb": Method(
+        "lcsb",
+        False,
+        "fedavg",
+        doc="LCSB: backprop through a cyclic block of layers per local step, FedAvg",
     ),
 }
 
@@ -130,6 +171,11 @@ def build_round_parts(cfg: Any) -> RoundParts:
     client_name = method.client if cfg.client.optimizer == "auto" else cfg.client.optimizer
     client_lr = method.client_lr if method.client_lr is not None else cfg.client.lr
     server_name = method.server if cfg.server.optimizer == "auto" else cfg.server.optimizer
+    if server_name not in SERVER_DEFAULT_LR:
+        raise ValueError(
+            f"server.optimizer={server_name!r} is unknown; choose 'auto' or one of "
+            f"{', '.join(server_lib.SERVER_OPTIMIZERS)}."
+        )
     server_lr = cfg.server.lr if cfg.server.lr is not None else SERVER_DEFAULT_LR[server_name]
     return RoundParts(
         estimator=ESTIMATORS[method.estimator](cfg),

@@ -71,6 +71,26 @@ def step_keys(client_key: Array, step: Array) -> tuple[Array, Array]:
     return jax.random.fold_in(k, 0), jax.random.fold_in(k, 1)
 
 
+def estimator_kwargs(
+    estimator: Estimator, context: dict[str, PyTree] | None, step: Array, num_steps: int
+) -> dict[str, PyTree]:
+    """The extra inputs an estimator declares in its ``extra_inputs`` attribute.
+
+    ``step`` is the client's global local-step count ``round * num_steps + step`` (so cyclic
+    schedules continue across rounds); ``guide`` is the previous round's aggregated update
+    (``ServerState.last_delta``, None if unknown). The context is the round's
+    ``{"round": ..., "guide": ...}``; estimators without ``extra_inputs`` get nothing.
+    """
+    wanted = getattr(estimator, "extra_inputs", ())
+    context = context or {}
+    out = {}
+    if "step" in wanted:
+        out["step"] = context.get("round", 0) * num_steps + step
+    if "guide" in wanted:
+        out["guide"] = context.get("guide")
+    return out
+
+
 def _select(pred: Array, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
@@ -83,6 +103,8 @@ def make_client_update(
     ``batches`` leaves are ``[steps, batch, ...]``; ``step_mask`` ``[steps]`` marks real steps
     (padding steps change nothing). A fresh optimizer state is created per call (per round), and
     only the masked leaves ever change -- updates, including weight decay, are masked.
+    ``context`` (the round's ``{"round", "guide"}``) feeds estimators that declare
+    ``extra_inputs`` (:func:`estimator_kwargs`); others never see it.
     """
 
     def client_update(
@@ -92,6 +114,7 @@ def make_client_update(
         batches: Batch,
         step_mask: Array,
         key: Array,
+        context: dict[str, PyTree] | None = None,
     ) -> ClientResult:
         opt_state = optimizer.init(params)
         num_steps = step_mask.shape[0]
@@ -100,7 +123,10 @@ def make_client_update(
             p, s, loss_sum = carry
             batch, valid, idx = xs
             drop_key, est_key = step_keys(key, idx)
-            est = estimator(lambda w: loss_fn(w, frozen, batch, drop_key), p, mask, est_key)
+            extra = estimator_kwargs(estimator, context, idx, num_steps)
+            est = estimator(
+                lambda w: loss_fn(w, frozen, batch, drop_key), p, mask, est_key, **extra
+            )
             updates, s_new = optimizer.update(est.grad, s, p)
             p_new = {k: p[k] + updates[k] * mask[k].astype(p[k].dtype) for k in p}
             valid_b = valid > 0

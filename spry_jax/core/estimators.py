@@ -11,12 +11,18 @@ estimator needs. The returned gradient is zero outside the mask.
   ``g = (1/K) sum_k (grad f . v_k) v_k`` with each directional derivative from one ``jax.jvp``.
   ``E[g] = sigma^2 grad f`` on the mask, so ``sigma = 1`` gives an unbiased estimate; the
   variance is honoured as written (the release ignores it) and acts as a step-size scale.
+* :func:`backprop_mesp` -- MeSP: backprop recomputing the LoRA intermediate ``xA``.
+* :func:`lcsb` -- layer-cyclic selective backprop (exact gradient on one block of layers).
+
+Zero-order estimators live in :mod:`spry_jax.core.zero_order`. An estimator may declare
+``extra_inputs`` (a tuple attribute with ``"step"`` and/or ``"guide"``); the client update then
+passes them as keyword arguments (:func:`spry_jax.core.client.estimator_kwargs`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -124,4 +130,91 @@ def forward(num_tangents: int = 1, sigma: float = 1.0, batching: str = "vmap") -
             losses, jvps = jax.lax.map(one, tangents)
         return Estimate(losses[0], contract(jvps, tangents), jvps.astype(jnp.float32))
 
+    return estimate
+
+
+# --------------------------------------------------------------------------------------------
+# Memory-efficient backprop baselines (arXiv 2506.21833): MeSP and LCSB.
+# --------------------------------------------------------------------------------------------
+
+
+def backprop_mesp(trace_context: Callable[[], Any]) -> Estimator:
+    """MeSP: backprop that recomputes the LoRA intermediate ``h = xA`` in the backward pass.
+
+    The loss is traced inside ``trace_context()`` -- the models' switch
+    (``spry_jax.models.layers.lora_recompute``) that runs each LoRA branch ``(xA)B`` under
+    ``jax.checkpoint``: backprop keeps ``x``, ``A`` and ``B`` and recomputes ``xA``
+    (``[batch, seq, r]`` per adapted projection) instead of storing it. The gradient is the
+    plain backprop gradient. (A ``checkpoint_name`` policy on the whole loss cannot do this:
+    the unnamed matmul producing ``xA`` would still be saved.)
+    """
+
+    def estimate(f: LossClosure, params: Trainable, mask: Trainable, key: Array) -> Estimate:
+        del key
+        with trace_context():
+            loss, grad = jax.value_and_grad(f)(params)
+        return Estimate(loss, _mask_tree(grad, mask), jnp.zeros((0,), jnp.float32))
+
+    return estimate
+
+
+def layer_index(leaf_key: str) -> int | None:
+    """The layer of a trainable leaf: the first all-digit component of its path
+    (``encoder/layer/3/attention/self/query/lora_a`` -> 3), or None (task head, embeddings)."""
+    for part in leaf_key.split("/"):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def lcsb_blocks(keys: list[str] | tuple[str, ...], layers_per_step: int) -> list[list[str]]:
+    """LCSB's cyclic blocks: consecutive groups of ``layers_per_step`` layers, each with the
+    leaves that have no layer index (the task head) added, since those sit above the body and
+    cost no backprop through it. Without any layered leaf there is one block of everything."""
+    layers = sorted({i for i in map(layer_index, keys) if i is not None})
+    always = [k for k in keys if layer_index(k) is None]
+    if not layers:
+        return [list(keys)]
+    groups = [layers[i : i + layers_per_step] for i in range(0, len(layers), layers_per_step)]
+    return [[k for k in keys if layer_index(k) in set(g)] + always for g in groups]
+
+
+def lcsb(layers_per_step: int = 1) -> Estimator:
+    """LCSB: layer-cyclic selective backprop (block coordinate descent on the PEFT weights).
+
+    At global local step ``s`` (``round * steps_per_round + step``, so the cycle continues
+    across rounds) only the leaves of block ``s mod num_blocks`` (:func:`lcsb_blocks`: a run
+    of ``layers_per_step`` layers plus the task head) get their exact gradient; all others get
+    zero. Each block is its own ``lax.switch`` branch that differentiates with respect to that
+    block's leaves only, so activations below the block's lowest layer carry no cotangent:
+    the backward pass stops there and nothing below it is stored for backprop.
+
+    Args:
+      layers_per_step: layers per block (``lcsb.layers_per_step``).
+    """
+    if layers_per_step < 1:
+        raise ValueError(f"lcsb.layers_per_step must be >= 1, got {layers_per_step}")
+
+    def estimate(
+        f: LossClosure, params: Trainable, mask: Trainable, key: Array, step: Array = 0
+    ) -> Estimate:
+        del key
+        keys = sorted(params)
+        blocks = lcsb_blocks(keys, layers_per_step)
+
+        def branch(block):
+            def run(p):
+                rest = {k: v for k, v in p.items() if k not in block}
+                loss, g = jax.value_and_grad(lambda sel: f({**rest, **sel}))(
+                    {k: p[k] for k in block}
+                )
+                return loss, {k: g[k] if k in g else jnp.zeros_like(p[k]) for k in keys}
+
+            return run
+
+        index = jnp.asarray(step, jnp.int32) % len(blocks)
+        loss, grad = jax.lax.switch(index, [branch(b) for b in blocks], params)
+        return Estimate(loss, _mask_tree(grad, mask), jnp.zeros((0,), jnp.float32))
+
+    estimate.extra_inputs = ("step",)
     return estimate

@@ -53,12 +53,16 @@ class ServerState(NamedTuple):
       opt_state: the server optimizer's state.
       round: the index of the next round (int32 scalar).
       rng: the base PRNG key; round r uses ``fold_in(rng, r)``.
+      last_delta: the previous round's aggregated client update (zeros before round 0; None
+        after restoring a checkpoint that predates it, read as "no previous update"). Every
+        method carries it; guided estimators (FwdLLM+) read it through the client context.
     """
 
     params: Trainable
     opt_state: optax.OptState
     round: Array
     rng: Array
+    last_delta: Trainable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +147,7 @@ def init_server_state(
         opt_state=server_optimizer.init(params),
         round=jnp.zeros((), jnp.int32),
         rng=jax.random.PRNGKey(seed),
+        last_delta=jax.tree.map(jnp.zeros_like, params),
     )
 
 
@@ -187,8 +192,8 @@ def _psum(tree: PyTree, axis: str | None) -> PyTree:
 def _per_epoch_contrib(spec: RoundSpec) -> Callable[..., tuple]:
     client_update = make_client_update(spec.loss_fn, spec.estimator, spec.client_optimizer)
 
-    def contrib(params, frozen, mask, batches, step_mask, key, eval_batches=None):
-        res = client_update(params, frozen, mask, batches, step_mask, key)
+    def contrib(params, frozen, mask, batches, step_mask, key, eval_batches=None, context=None):
+        res = client_update(params, frozen, mask, batches, step_mask, key, context)
         num, den = aggregation.weighted_sums(res.delta, mask, res.num_examples)
         real = (jnp.sum(step_mask) > 0).astype(jnp.float32)
         stats = {
@@ -210,10 +215,10 @@ def _per_epoch_contrib(spec: RoundSpec) -> Callable[..., tuple]:
 
 
 def _per_epoch_program(spec: RoundSpec, axis: str | None) -> Callable[..., tuple]:
-    contrib = jax.vmap(_per_epoch_contrib(spec), in_axes=(None, None, 0, 0, 0, 0, 0))
+    contrib = jax.vmap(_per_epoch_contrib(spec), in_axes=(None, None, 0, 0, 0, 0, 0, None))
 
-    def body(params, frozen, masks, batches, step_mask, keys, eval_batches):
-        out = contrib(params, frozen, masks, batches, step_mask, keys, eval_batches)
+    def body(params, frozen, masks, batches, step_mask, keys, eval_batches, context):
+        out = contrib(params, frozen, masks, batches, step_mask, keys, eval_batches, context)
         return _psum(_tree_sum0(out), axis)
 
     return body
@@ -224,7 +229,7 @@ def _per_epoch_loop(spec: RoundSpec, jit: bool) -> Callable[..., tuple]:
     if jit:
         contrib = jax.jit(contrib)
 
-    def body(params, frozen, masks, batches, step_mask, keys, eval_batches):
+    def body(params, frozen, masks, batches, step_mask, keys, eval_batches, context):
         total = None
         for c in range(spec.num_slots):
             take = lambda t, c=c: jax.tree.map(lambda x: x[c], t)  # noqa: E731
@@ -236,6 +241,7 @@ def _per_epoch_loop(spec: RoundSpec, jit: bool) -> Callable[..., tuple]:
                 step_mask[c],
                 keys[c],
                 take(eval_batches),
+                context,
             )
             total = out if total is None else jax.tree.map(jnp.add, total, out)
         return total
@@ -283,7 +289,8 @@ def _per_iteration_program(spec: RoundSpec, axis: str | None) -> Callable[..., t
     client = jax.vmap(_client_jvps(spec), in_axes=(None, None, 0, 0, 0, None))
     server = jax.vmap(_server_contrib(spec), in_axes=(None, 0, 0, None, 0, 0))
 
-    def body(params, frozen, masks, batches, step_mask, keys, eval_batches):
+    def body(params, frozen, masks, batches, step_mask, keys, eval_batches, context):
+        del context  # per-iteration estimators are forward gradients; they take no context
         steps_first = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batches)
 
         def step(carry, xs):
@@ -335,7 +342,8 @@ def _per_iteration_loop(spec: RoundSpec) -> Callable[..., tuple]:
     client = _client_jvps(spec)
     server = _server_contrib(spec)
 
-    def body(params, frozen, masks, batches, step_mask, keys, eval_batches):
+    def body(params, frozen, masks, batches, step_mask, keys, eval_batches, context):
+        del context
         p = params
         opt_state = spec.client_optimizer.init(params)
         stats = {"loss_num": 0.0, "examples": 0.0, "steps": 0.0, "active_sq": 0.0}
@@ -382,7 +390,7 @@ def _shard(spec: RoundSpec, body: Callable[..., Any]) -> Callable[..., Any]:
     return jax.shard_map(
         body,
         mesh=spec.mesh,
-        in_specs=(P(), P(), clients, clients, clients, clients, clients),
+        in_specs=(P(), P(), clients, clients, clients, clients, clients, P()),
         out_specs=P(),
         check_vma=False,
     )
@@ -427,21 +435,24 @@ def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str,
         masks, keys = _masks_and_keys(spec, round_key)
         batches = {k: v for k, v in client_batches.items() if k != "step_mask"}
         step_mask = client_batches["step_mask"]
+        # What estimators may read besides (f, params, mask, key): see client.ClientContext.
+        context = {"round": state.round, "guide": state.last_delta}
         if spec.comm_mode == "per_epoch":
             num, den, stats, trainers = inner(
-                state.params, frozen, masks, batches, step_mask, keys, eval_batches
+                state.params, frozen, masks, batches, step_mask, keys, eval_batches, context
             )
             delta = aggregation.finalize(num, den)
         else:
             delta, stats, trainers = inner(
-                state.params, frozen, masks, batches, step_mask, keys, eval_batches
+                state.params, frozen, masks, batches, step_mask, keys, eval_batches, context
             )
         pseudo_grad = jax.tree.map(jnp.negative, delta)
         updates, opt_state = spec.server_optimizer.update(
             pseudo_grad, state.opt_state, state.params
         )
         params = optax.apply_updates(state.params, updates)
-        new_state = ServerState(params, opt_state, state.round + 1, state.rng)
+        last_delta = {k: delta[k].astype(state.params[k].dtype) for k in state.params}
+        new_state = ServerState(params, opt_state, state.round + 1, state.rng, last_delta)
         metrics = {
             "train/loss": stats["loss_num"] / jnp.maximum(stats["examples"], 1.0),
             "train/examples": stats["examples"],

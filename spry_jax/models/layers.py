@@ -19,6 +19,8 @@ Conventions (both the encoders and the decoders follow them):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import itertools
 import math
@@ -34,6 +36,27 @@ Array = jax.Array
 
 
 _DEFAULT_INIT = jax.nn.initializers.normal(0.02)
+
+# MeSP switch (estimators.backprop_mesp): while set *during tracing*, each LoRA branch
+# (x A) B runs under jax.checkpoint, so backprop stores x, A, B and recomputes h = xA in the
+# backward pass instead of storing it. Values and gradients are unchanged; default off.
+_LORA_RECOMPUTE = contextvars.ContextVar("lora_recompute", default=False)
+
+
+@contextlib.contextmanager
+def lora_recompute():
+    """Traces every LoRA branch inside this block with ``h = xA`` rematerialised (MeSP)."""
+    token = _LORA_RECOMPUTE.set(True)
+    try:
+        yield
+    finally:
+        _LORA_RECOMPUTE.reset(token)
+
+
+def _lora_branch(h: Array, a: Array, b: Array) -> Array:
+    return (h @ a) @ b
+
+
 _creation_counter = itertools.count()
 
 
@@ -167,7 +190,8 @@ class Linear(nnx.Module):
             y = y + self.bias[...].astype(dt)
         if self.lora_a is not None:
             h = dropout(x, self.lora_dropout, dropout_rng).astype(jnp.float32)
-            delta = (h @ self.lora_a[...]) @ self.lora_b[...]
+            branch = jax.checkpoint(_lora_branch) if _LORA_RECOMPUTE.get() else _lora_branch
+            delta = branch(h, self.lora_a[...], self.lora_b[...])
             y = y + (delta * self.lora_scale).astype(dt)
         if self.ia3 is not None and not self.ia3_on_input:
             y = y * self.ia3[...].astype(dt)
