@@ -1,7 +1,7 @@
 """Orbax checkpoints of the server state, with an identity check on restore.
 
-A checkpoint holds the trainable weights, the server optimizer state, the round and the RNG
-key, plus an identity record (method, model name and fingerprint, PEFT, data fingerprint, seed);
+A checkpoint holds the trainable weights, the server optimizer state, the round, the RNG key
+and the last aggregated update (FwdLLM+'s guide), plus an identity record (method, model name and fingerprint, PEFT, data fingerprint, seed);
 the frozen base weights are not copied. Orbax writes each step to a temporary directory and
 renames it when complete, so a process killed mid-write leaves the previous checkpoint intact.
 """
@@ -40,6 +40,7 @@ def _as_dict(state: ServerState) -> dict[str, Any]:
         "opt_state": state.opt_state,
         "round": state.round,
         "rng": state.rng,
+        "last_delta": state.last_delta,
     }
 
 
@@ -102,6 +103,7 @@ class Checkpointer:
             opt_state=opt_state,
             round=restored["round"],
             rng=restored["rng"],
+            last_delta=restored["last_delta"],
         )
         return state, int(step)
 

@@ -331,7 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "comm/up_bytes": up,
             "comm/down_bytes": down,
         }
-        if r == start and memory:
+        if r == 0 and memory:
             record.update({f"memory/client_step_{k}": v for k, v in memory.items()})
         if in_program_eval:
             last_eval = _eval_record(m)

@@ -53,9 +53,9 @@ class ServerState(NamedTuple):
       opt_state: the server optimizer's state.
       round: the index of the next round (int32 scalar).
       rng: the base PRNG key; round r uses ``fold_in(rng, r)``.
-      last_delta: the previous round's aggregated client update (zeros before round 0; None
-        after restoring a checkpoint that predates it, read as "no previous update"). Every
-        method carries it; guided estimators (FwdLLM+) read it through the client context.
+      last_delta: the previous round's aggregated client update (zeros before round 0; None is
+        read as "no previous update"). Every method carries it and checkpoints save it; guided
+        estimators (FwdLLM+) read it through the client context.
     """
 
     params: Trainable
