@@ -52,7 +52,7 @@ def _forward(cfg: Any) -> estimators.Estimator:
 ESTIMATORS: dict[str, Callable[[Any], estimators.Estimator]] = {
     "forward": _forward,
     "backprop": lambda cfg: estimators.backprop(remat=False),
-    "backprop_remat": lambda cfg: estimators.backprop(remat=True),
+    "backprop_remat": lambda cfg: estimators.backprop_layer_remat(layers.layer_remat),
     "backprop_mesp": lambda cfg: estimators.backprop_mesp(layers.lora_recompute),
     "lcsb": lambda cfg: estimators.lcsb(cfg.lcsb.layers_per_step),
     "mezo": lambda cfg: zero_order.spsa(cfg.zo.num_perturbations, cfg.zo.eps, "zo"),

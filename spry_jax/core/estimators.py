@@ -5,7 +5,8 @@ the client's loss on one batch (frozen weights, batch and dropout key closed ove
 one 0/1 scalar per trainable leaf (the client's units), and ``key`` draws any randomness the
 estimator needs. The returned gradient is zero outside the mask.
 
-* :func:`backprop` -- ``jax.value_and_grad``, optionally rematerialised.
+* :func:`backprop` -- ``jax.value_and_grad``, optionally rematerialised as a whole.
+* :func:`backprop_layer_remat` -- MeBP: backprop with a checkpoint per transformer layer.
 * :func:`forward` -- forward gradient (Baydin et al. 2022; Spry, Panchal et al. 2024, §3):
   K tangents ``v_k ~ N(0, sigma^2 I)`` drawn on the masked leaves only,
   ``g = (1/K) sum_k (grad f . v_k) v_k`` with each directional derivative from one ``jax.jvp``.
@@ -89,7 +90,9 @@ def backprop(remat: bool = False) -> Estimator:
     """Exact gradient by reverse mode, masked to the client's units.
 
     Args:
-      remat: wrap the loss in ``jax.checkpoint`` (activation rematerialisation).
+      remat: wrap the whole loss in ``jax.checkpoint``. This does not lower peak memory (the
+        backward pass recomputes the full forward and holds all its residuals); use
+        :func:`backprop_layer_remat` for per-layer checkpoints.
     """
 
     def estimate(f: LossClosure, params: Trainable, mask: Trainable, key: Array) -> Estimate:
@@ -138,6 +141,30 @@ def forward(num_tangents: int = 1, sigma: float = 1.0, batching: str = "vmap") -
 # --------------------------------------------------------------------------------------------
 
 
+def backprop_layer_remat(trace_context: Callable[[], Any]) -> Estimator:
+    """MeBP: backprop with one activation checkpoint per transformer layer.
+
+    The loss is traced inside ``trace_context()`` -- the models' switch
+    (``spry_jax.models.layers.layer_remat``) that runs each layer body under ``jax.checkpoint``:
+    the forward pass keeps only the hidden state entering each layer, and the backward pass
+    recomputes one layer's internals at a time, so peak activation memory is the layer
+    boundaries plus one layer's intermediates. The gradient is the plain backprop gradient.
+    (``backprop(remat=True)``, which checkpoints the whole loss, saves nothing in the forward
+    pass but then holds every layer's intermediates at once during the backward pass.)
+    """
+    return _backprop_traced_in(trace_context)
+
+
+def _backprop_traced_in(trace_context: Callable[[], Any]) -> Estimator:
+    def estimate(f: LossClosure, params: Trainable, mask: Trainable, key: Array) -> Estimate:
+        del key
+        with trace_context():
+            loss, grad = jax.value_and_grad(f)(params)
+        return Estimate(loss, _mask_tree(grad, mask), jnp.zeros((0,), jnp.float32))
+
+    return estimate
+
+
 def backprop_mesp(trace_context: Callable[[], Any]) -> Estimator:
     """MeSP: backprop that recomputes the LoRA intermediate ``h = xA`` in the backward pass.
 
@@ -148,14 +175,7 @@ def backprop_mesp(trace_context: Callable[[], Any]) -> Estimator:
     plain backprop gradient. (A ``checkpoint_name`` policy on the whole loss cannot do this:
     the unnamed matmul producing ``xA`` would still be saved.)
     """
-
-    def estimate(f: LossClosure, params: Trainable, mask: Trainable, key: Array) -> Estimate:
-        del key
-        with trace_context():
-            loss, grad = jax.value_and_grad(f)(params)
-        return Estimate(loss, _mask_tree(grad, mask), jnp.zeros((0,), jnp.float32))
-
-    return estimate
+    return _backprop_traced_in(trace_context)
 
 
 def layer_index(leaf_key: str) -> int | None:

@@ -31,6 +31,7 @@ LoRA dropout is applied inside each adapted :class:`~spry_jax.models.layers.Line
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -216,7 +217,8 @@ class OPTDecoder(nnx.Module):
         x = x + self.embed_positions(positions + self.POSITION_OFFSET).astype(x.dtype)
         mask = layers.make_attention_mask(attention_mask, causal=True)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, layers.fold_rng(dropout_rng, i))
+            r = layers.fold_rng(dropout_rng, i)
+            x = layers.maybe_remat(functools.partial(layer, mask=mask, dropout_rng=r))(x)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
@@ -401,7 +403,9 @@ class LlamaModel(nnx.Module):
         cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
         mask = layers.make_attention_mask(attention_mask, causal=True)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, layers.fold_rng(dropout_rng, i))
+            r = layers.fold_rng(dropout_rng, i)
+            body = functools.partial(layer, cos=cos, sin=sin, mask=mask, dropout_rng=r)
+            x = layers.maybe_remat(body)(x)
         return self.norm(x)
 
 

@@ -11,6 +11,7 @@ Every class follows the architecture contract of :mod:`spry_jax.models.registry`
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -28,6 +29,7 @@ from spry_jax.models.layers import (
     dropout,
     fold_rng,
     make_attention_mask,
+    maybe_remat,
 )
 from spry_jax.models.registry import TASKS
 
@@ -240,24 +242,28 @@ class BertModel(EncoderBase):
         mask = make_attention_mask(attention_mask)
         act = activation(self.act)
         for i, layer in enumerate(self.encoder.layer):
-            r = fold_rng(rng, i + 1)
-            att = layer.attention
-            ctx = _self_attention(
-                att.self.query,
-                att.self.key,
-                att.self.value,
-                x,
-                mask,
-                self.num_heads,
-                self.attn_dropout,
-                fold_rng(r, 0),
+            x = maybe_remat(functools.partial(self._layer, layer, mask, act, fold_rng(rng, i + 1)))(
+                x
             )
-            a = att.output.dense(ctx, dropout_rng=fold_rng(r, 1))
-            x = att.output.LayerNorm(dropout(a, self.hidden_dropout, fold_rng(r, 2)) + x)
-            f = act(layer.intermediate.dense(x, dropout_rng=fold_rng(r, 3)))
-            f = layer.output.dense(f, dropout_rng=fold_rng(r, 4))
-            x = layer.output.LayerNorm(dropout(f, self.hidden_dropout, fold_rng(r, 5)) + x)
         return x
+
+    def _layer(self, layer, mask: Array, act, r: Array | None, x: Array) -> Array:
+        att = layer.attention
+        ctx = _self_attention(
+            att.self.query,
+            att.self.key,
+            att.self.value,
+            x,
+            mask,
+            self.num_heads,
+            self.attn_dropout,
+            fold_rng(r, 0),
+        )
+        a = att.output.dense(ctx, dropout_rng=fold_rng(r, 1))
+        x = att.output.LayerNorm(dropout(a, self.hidden_dropout, fold_rng(r, 2)) + x)
+        f = act(layer.intermediate.dense(x, dropout_rng=fold_rng(r, 3)))
+        f = layer.output.dense(f, dropout_rng=fold_rng(r, 4))
+        return layer.output.LayerNorm(dropout(f, self.hidden_dropout, fold_rng(r, 5)) + x)
 
     def _classify(self, hidden: Array, attention_mask: Array, rng: Array | None) -> Array:
         if self.roberta:
@@ -362,23 +368,27 @@ class DistilBertModel(EncoderBase):
         mask = make_attention_mask(attention_mask)
         act = activation(self.act)
         for i, layer in enumerate(self.transformer.layer):
-            r = fold_rng(rng, i + 1)
-            att = layer.attention
-            ctx = _self_attention(
-                att.q_lin,
-                att.k_lin,
-                att.v_lin,
-                x,
-                mask,
-                self.num_heads,
-                self.attn_dropout,
-                fold_rng(r, 0),
+            x = maybe_remat(functools.partial(self._layer, layer, mask, act, fold_rng(rng, i + 1)))(
+                x
             )
-            x = layer.sa_layer_norm(att.out_lin(ctx, dropout_rng=fold_rng(r, 1)) + x)
-            f = act(layer.ffn.lin1(x, dropout_rng=fold_rng(r, 3)))
-            f = layer.ffn.lin2(f, dropout_rng=fold_rng(r, 4))
-            x = layer.output_layer_norm(dropout(f, self.hidden_dropout, fold_rng(r, 5)) + x)
         return x
+
+    def _layer(self, layer, mask: Array, act, r: Array | None, x: Array) -> Array:
+        att = layer.attention
+        ctx = _self_attention(
+            att.q_lin,
+            att.k_lin,
+            att.v_lin,
+            x,
+            mask,
+            self.num_heads,
+            self.attn_dropout,
+            fold_rng(r, 0),
+        )
+        x = layer.sa_layer_norm(att.out_lin(ctx, dropout_rng=fold_rng(r, 1)) + x)
+        f = act(layer.ffn.lin1(x, dropout_rng=fold_rng(r, 3)))
+        f = layer.ffn.lin2(f, dropout_rng=fold_rng(r, 4))
+        return layer.output_layer_norm(dropout(f, self.hidden_dropout, fold_rng(r, 5)) + x)
 
     def _classify(self, hidden: Array, attention_mask: Array, rng: Array | None) -> Array:
         x = jax.nn.relu(self.pre_classifier(hidden[:, 0].astype(jnp.float32)))
@@ -484,24 +494,27 @@ class AlbertModel(EncoderBase):
             group = self.encoder.albert_layer_groups[i // per_group]
             for layer in group.albert_layers:
                 step += 1
-                r = fold_rng(rng, step + 1)
-                att = layer.attention
-                ctx = _self_attention(
-                    att.query,
-                    att.key,
-                    att.value,
-                    x,
-                    mask,
-                    self.num_heads,
-                    self.attn_dropout,
-                    fold_rng(r, 0),
-                )
-                a = att.dense(ctx, dropout_rng=fold_rng(r, 1))
-                x = att.LayerNorm(x + dropout(a, self.hidden_dropout, fold_rng(r, 2)))
-                f = act(layer.ffn(x, dropout_rng=fold_rng(r, 3)))
-                f = layer.ffn_output(f, dropout_rng=fold_rng(r, 4))
-                x = layer.full_layer_layer_norm(f + x)
+                body = functools.partial(self._layer, layer, mask, act, fold_rng(rng, step + 1))
+                x = maybe_remat(body)(x)
         return x
+
+    def _layer(self, layer, mask: Array, act, r: Array | None, x: Array) -> Array:
+        att = layer.attention
+        ctx = _self_attention(
+            att.query,
+            att.key,
+            att.value,
+            x,
+            mask,
+            self.num_heads,
+            self.attn_dropout,
+            fold_rng(r, 0),
+        )
+        a = att.dense(ctx, dropout_rng=fold_rng(r, 1))
+        x = att.LayerNorm(x + dropout(a, self.hidden_dropout, fold_rng(r, 2)))
+        f = act(layer.ffn(x, dropout_rng=fold_rng(r, 3)))
+        f = layer.ffn_output(f, dropout_rng=fold_rng(r, 4))
+        return layer.full_layer_layer_norm(f + x)
 
     def _classify(self, hidden: Array, attention_mask: Array, rng: Array | None) -> Array:
         pooled = jnp.tanh(self.pooler(hidden[:, 0], dropout_rng=fold_rng(rng, 0)))

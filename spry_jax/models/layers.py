@@ -53,6 +53,27 @@ def lora_recompute():
         _LORA_RECOMPUTE.reset(token)
 
 
+# MeBP switch (estimators.backprop_layer_remat): while set *during tracing*, every transformer
+# layer body runs under jax.checkpoint, so backprop keeps only each layer's input hidden state
+# and recomputes the layer's internals in the backward pass, one layer at a time.
+_LAYER_REMAT = contextvars.ContextVar("layer_remat", default=False)
+
+
+@contextlib.contextmanager
+def layer_remat():
+    """Traces every transformer layer inside this block rematerialised (per-layer checkpoints)."""
+    token = _LAYER_REMAT.set(True)
+    try:
+        yield
+    finally:
+        _LAYER_REMAT.reset(token)
+
+
+def maybe_remat(fn: Callable[[Array], Array]) -> Callable[[Array], Array]:
+    """``jax.checkpoint(fn)`` (nothing inside saved) under :func:`layer_remat`, else ``fn``."""
+    return jax.checkpoint(fn) if _LAYER_REMAT.get() else fn
+
+
 def _lora_branch(h: Array, a: Array, b: Array) -> Array:
     return (h @ a) @ b
 
