@@ -22,9 +22,9 @@ Measured (seed 0, docs/quickstart_results.md): this does NOT yet reach the issue
 20 rounds and 0.581 after 30 (majority class 0.579); the per-round
 ``eval/generalized_accuracy`` swings between 0.47 and 0.68 and train/loss, 0.69 -> 0.61 by
 round 21, rose to 0.72-0.77 at rounds 24-26 and was 0.69 at round 30 (lr 1e-2 looks too high
-once the head has moved). FedAvg-backprop
-on the same split reaches 0.683 after 10 rounds and 0.725 after 20.
-``eval/personalized_accuracy`` runs higher, but with alpha = 1 a client predicting its own majority label already scores ~0.70 on it.
+once the head has moved). FedAvg-backprop on the same split reaches 0.683 after 10 rounds and
+0.725 after 20. ``eval/personalized_accuracy`` runs higher, but with alpha = 1 a client
+predicting its own majority label already scores ~0.70 on it.
 Cost: ~15 CPU-seconds per round after ~60 s of compilation, i.e. about 6-7 minutes for the 40
 rounds on an idle 2-core CPU; on a shared machine wall time is several times longer.
 """
