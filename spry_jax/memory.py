@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from spry_jax.core.client import make_client_update
 from spry_jax.types import Batch, PyTree, Trainable
 
 
@@ -29,31 +30,22 @@ def peak_bytes(compiled: Any) -> dict[str, int]:
     return out
 
 
-def make_client_step(spec: Any):
-    """One local step of a client: estimator + optimizer update, as in the round's scan body."""
-
-    def step(params: Trainable, opt_state: Any, frozen: PyTree, batch: Batch, key: jax.Array):
-        drop_key, est_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-        mask = {k: jnp.float32(1.0) for k in params}
-        est = spec.estimator(
-            lambda w: spec.loss_fn(w, frozen, batch, drop_key), params, mask, est_key
-        )
-        updates, opt_state = spec.client_optimizer.update(est.grad, opt_state, params)
-        params = {k: params[k] + updates[k] for k in params}
-        return params, opt_state, est.loss
-
-    return step
-
-
 def client_step_memory(
     spec: Any, params: Trainable, frozen: PyTree, batch: Batch
 ) -> dict[str, int]:
-    """XLA memory estimate of one client step on ``batch`` (``[B, ...]`` leaves)."""
+    """XLA memory estimate of one local step of the round's own client program
+    (:func:`spry_jax.core.client.make_client_update` with one step) on ``batch`` (``[B, ...]``)."""
+    update = make_client_update(spec.loss_fn, spec.estimator, spec.client_optimizer)
+    mask = {k: jnp.float32(1.0) for k in params}
+
+    def one_step(p, fr, b, key):
+        return update(p, fr, mask, b, jnp.ones((1,), jnp.float32), key)
+
     shape = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), t)  # noqa: E731
-    opt_state = jax.eval_shape(spec.client_optimizer.init, shape(params))
+    steps = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *jnp.shape(x)), x.dtype), batch)
     compiled = (
-        jax.jit(make_client_step(spec), donate_argnums=(0, 1))
-        .lower(shape(params), opt_state, shape(frozen), shape(batch), jax.random.PRNGKey(0))
+        jax.jit(one_step)
+        .lower(shape(params), shape(frozen), steps, jax.random.PRNGKey(0))
         .compile()
     )
     return peak_bytes(compiled)
