@@ -48,6 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from spry_jax import config as config_lib  # noqa: E402
+from spry_jax import memory as memory_lib  # noqa: E402
 from spry_jax import methods, models, tasks  # noqa: E402
 from spry_jax.core import client as client_lib  # noqa: E402
 from spry_jax.models import peft as peft_lib  # noqa: E402
@@ -279,13 +280,8 @@ def analyse(
     t0 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    m = compiled.memory_analysis()
-    peak = (
-        m.argument_size_in_bytes
-        + m.temp_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-    )
+    sizes = memory_lib.peak_bytes(compiled)
+    peak = sizes["peak_bytes"]
     frozen_b = _nbytes(model.frozen)
     trainable_b = _nbytes(model.trainable)
     opt_b = _nbytes(jax.eval_shape(client_step_opt_init(method), model.trainable))
@@ -303,11 +299,7 @@ def analyse(
         num_tangents=num_tangents,
         base_dtype=setting.quant if setting.quant != "none" else "float32",
         compute_dtype="float32",
-        peak_bytes=int(peak),
-        argument_bytes=int(m.argument_size_in_bytes),
-        temp_bytes=int(m.temp_size_in_bytes),
-        output_bytes=int(m.output_size_in_bytes),
-        alias_bytes=int(m.alias_size_in_bytes),
+        **sizes,
         floor_bytes=int(floor),
         peak_over_floor=peak / floor,
         frozen_bytes=frozen_b,
