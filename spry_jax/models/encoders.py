@@ -185,14 +185,7 @@ class BertModel(EncoderBase):
         self.act = config.hidden_act
         eps = config.layer_norm_eps
         kw = dict(dtype=dtype, quant=quant, rngs=rngs)
-        self.embeddings = node(
-            word_embeddings=Embedding(config.vocab_size, h, dtype=dtype, rngs=rngs),
-            position_embeddings=Embedding(
-                config.max_position_embeddings, h, dtype=dtype, rngs=rngs
-            ),
-            token_type_embeddings=Embedding(config.type_vocab_size, h, dtype=dtype, rngs=rngs),
-            LayerNorm=LayerNorm(h, eps=eps, dtype=dtype),
-        )
+        self.embeddings = _bert_embeddings(config, h, eps, dtype, rngs)
         layers = []
         for _ in range(config.num_hidden_layers):
             layers.append(
@@ -270,6 +263,18 @@ class BertModel(EncoderBase):
             return self.classifier(hidden.astype(jnp.float32), dropout_rng=rng)
         pooled = self.pooler(hidden, dropout_rng=fold_rng(rng, 0)).astype(jnp.float32)
         return self.classifier(dropout(pooled, self.classifier_dropout, fold_rng(rng, 1)))
+
+
+def _bert_embeddings(config: Any, width: int, eps: float, dtype, rngs: nnx.Rngs) -> Node:
+    """Word, position and token-type tables plus LayerNorm (BERT/RoBERTa/ALBERT embeddings)."""
+    return node(
+        word_embeddings=Embedding(config.vocab_size, width, dtype=dtype, rngs=rngs),
+        position_embeddings=Embedding(
+            config.max_position_embeddings, width, dtype=dtype, rngs=rngs
+        ),
+        token_type_embeddings=Embedding(config.type_vocab_size, width, dtype=dtype, rngs=rngs),
+        LayerNorm=LayerNorm(width, eps=eps, dtype=dtype),
+    )
 
 
 def _sinusoidal_table(n_pos: int, dim: int) -> np.ndarray:
@@ -441,14 +446,7 @@ class AlbertModel(EncoderBase):
         self.act = config.hidden_act
         eps = config.layer_norm_eps
         kw = dict(dtype=dtype, quant=quant, rngs=rngs)
-        self.embeddings = node(
-            word_embeddings=Embedding(config.vocab_size, e, dtype=dtype, rngs=rngs),
-            position_embeddings=Embedding(
-                config.max_position_embeddings, e, dtype=dtype, rngs=rngs
-            ),
-            token_type_embeddings=Embedding(config.type_vocab_size, e, dtype=dtype, rngs=rngs),
-            LayerNorm=LayerNorm(e, eps=eps, dtype=dtype),
-        )
+        self.embeddings = _bert_embeddings(config, e, eps, dtype, rngs)
         groups = []
         for _ in range(self.num_groups):
             inner = []
