@@ -104,6 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.round.backend = "shard_map"  # "shard_map" | "vmap" | "loop" | "debug"
     c.round.num_devices = 0  # devices on the 'clients' mesh axis; 0 = all
     c.eval_batch_size = 64  # evaluation batch size
+    c.eval_all_clients = True  # after the last round: global model on every client's test split
     c.log_memory = True  # record XLA's memory estimate of one client step (compiles it once)
     return c
 

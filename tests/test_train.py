@@ -93,6 +93,42 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
         assert _strip_times(ra) == _strip_times(rb)
 
 
+def test_all_clients_eval_matches_a_per_example_recomputation(tmp_path):
+    import numpy as np
+
+    from spry_jax import checkpoint as ckpt_lib
+
+    cfg = _smoke(rounds=1, eval_batch_size=7)  # 7 does not divide the test set: padding counts
+    summary = train.train_and_evaluate(cfg, str(tmp_path))
+    final = summary["final"]
+    exp = train.build_experiment(cfg)
+    manager = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), 2)
+    state, _ = manager.restore_latest(exp.init_state(), train._identity(exp))
+    correct = losses = count = 0
+    for c in range(cfg.num_clients):  # one example at a time, plain numpy softmax
+        t = exp.fed.test[c]
+        for i in range(len(t["labels"])):
+            logits = np.asarray(
+                exp.model.apply_fn(
+                    state.params,
+                    exp.model.frozen,
+                    t["input_ids"][i : i + 1],
+                    t["attention_mask"][i : i + 1],
+                    None,
+                ),
+                np.float64,
+            )[0]
+            y = int(t["labels"][i])
+            correct += int(np.argmax(logits) == y)
+            losses += np.log(np.sum(np.exp(logits - logits.max()))) + logits.max() - logits[y]
+            count += 1
+    assert (
+        final["eval/all_clients_examples"] == count == sum(len(t["labels"]) for t in exp.fed.test)
+    )
+    assert final["eval/all_clients_accuracy"] == pytest.approx(correct / count, abs=1e-9)
+    assert final["eval/all_clients_loss"] == pytest.approx(losses / count, rel=1e-4)
+
+
 def test_checkpoint_from_another_method_is_refused(tmp_path):
     train.train_and_evaluate(_smoke(rounds=1), str(tmp_path))
     with pytest.raises(CheckpointMismatchError, match="method"):
