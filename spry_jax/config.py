@@ -99,6 +99,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.server.b1 = 0.9
     c.server.b2 = 0.99
     c.server.tau = 1e-3  # Flower's adaptivity constant (eps of the optax variants)
+    c.server.schedule = "constant"  # server step over rounds: "constant" | "cosine" | "linear"
+    c.server.final_fraction = 0.0  # cosine/linear: the step at the last round, as a fraction
 
     c.round = ml_collections.ConfigDict()
     c.round.backend = "shard_map"  # "shard_map" | "vmap" | "loop" | "debug"

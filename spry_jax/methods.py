@@ -187,8 +187,13 @@ def build_round_parts(cfg: Any) -> RoundParts:
             eps=cfg.client.eps,
             weight_decay=cfg.client.weight_decay,
         ),
-        server_optimizer=server_lib.make_server_optimizer(
-            server_name, server_lr, cfg.server.b1, cfg.server.b2, cfg.server.tau
+        server_optimizer=server_lib.with_schedule(
+            server_lib.make_server_optimizer(
+                server_name, server_lr, cfg.server.b1, cfg.server.b2, cfg.server.tau
+            ),
+            cfg.server.get("schedule", "constant"),
+            cfg.rounds,
+            cfg.server.get("final_fraction", 0.0),
         ),
         split=method.split,
         max_steps=method.max_steps,

@@ -63,6 +63,37 @@ def flower_adam(
     return _flower(lr, b1, b2, tau, yogi=False)
 
 
+SERVER_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def with_schedule(
+    opt: optax.GradientTransformation, schedule: str, rounds: int, final_fraction: float = 0.0
+) -> optax.GradientTransformation:
+    """Scales the server step by a factor decaying from 1 at round 0 to ``final_fraction`` at
+    round ``rounds - 1`` (the optimizer is applied once per round, so its count is the round).
+
+    Forward-gradient and zero-order updates carry direction noise that a constant step keeps
+    re-injecting every round; decaying the server step averages it out over the late rounds,
+    as a learning-rate decay does for SGD. ``"constant"`` returns ``opt`` unchanged (same state).
+    """
+    if schedule == "constant":
+        return opt
+    if schedule not in SERVER_SCHEDULES:
+        raise ValueError(
+            f"server.schedule={schedule!r} is unknown; choose one of {', '.join(SERVER_SCHEDULES)}."
+        )
+    if not 0.0 <= final_fraction <= 1.0:
+        raise ValueError(f"server.final_fraction must be in [0, 1], got {final_fraction}")
+    span = max(rounds - 1, 1)
+
+    def factor(count: jax.Array) -> jax.Array:
+        t = jnp.minimum(count.astype(jnp.float32) / span, 1.0)
+        shape = 0.5 * (1.0 + jnp.cos(jnp.pi * t)) if schedule == "cosine" else 1.0 - t
+        return final_fraction + (1.0 - final_fraction) * shape
+
+    return optax.chain(opt, optax.scale_by_schedule(factor))
+
+
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "optax_adam", "optax_yogi", "adam", "sgd")
 
 

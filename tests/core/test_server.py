@@ -83,3 +83,33 @@ def test_optax_bias_corrected_variants_are_selectable_and_differ():
 def test_unknown_server_optimizer_is_rejected():
     with pytest.raises(ValueError, match="server.optimizer"):
         server.make_server_optimizer("fedprox", 1.0)
+
+
+@pytest.mark.parametrize(
+    "schedule, final, factors",
+    [
+        ("cosine", 0.0, [1.0, 0.5, 0.0, 0.0]),  # 0.5 * (1 + cos(pi * t)), t = r / (rounds - 1)
+        ("linear", 0.2, [1.0, 0.6, 0.2, 0.2]),  # 0.2 + 0.8 * (1 - t); held after the last round
+    ],
+)
+def test_server_schedule_scales_each_rounds_step_by_hand(schedule, final, factors):
+    opt = server.with_schedule(server.make_server_optimizer("fedavg", 2.0), schedule, 3, final)
+    w = {"a": jnp.zeros(2)}
+    state = opt.init(w)
+    delta = {"a": jnp.array([1.0, -3.0])}
+    for f in factors:
+        before = np.asarray(w["a"])
+        updates, state = opt.update({"a": -delta["a"]}, state, w)
+        w = optax.apply_updates(w, updates)
+        np.testing.assert_allclose(
+            np.asarray(w["a"]) - before, 2.0 * f * np.array([1.0, -3.0]), atol=1e-6
+        )
+
+
+def test_constant_schedule_keeps_the_optimizer_and_bad_names_are_rejected():
+    opt = server.make_server_optimizer("fedyogi", 1e-2)
+    assert server.with_schedule(opt, "constant", 10) is opt
+    with pytest.raises(ValueError, match="server.schedule"):
+        server.with_schedule(opt, "step", 10)
+    with pytest.raises(ValueError, match="server.final_fraction"):
+        server.with_schedule(opt, "cosine", 10, 1.5)
