@@ -65,15 +65,25 @@ class Checkpointer:
         self._manager.wait_until_finished()
         _inject_fault("after_checkpoint", step)
 
+    def steps(self) -> list[int]:
+        """The saved steps (completed rounds), oldest first."""
+        return sorted(self._manager.all_steps())
+
     def restore_latest(
-        self, template: ServerState, identity: dict[str, Any]
+        self, template: ServerState, identity: dict[str, Any], step: int | None = None
     ) -> tuple[ServerState, int] | None:
-        """Restores the newest checkpoint, or None if there is none.
+        """Restores the newest checkpoint (or the one after ``step`` rounds), or None if there
+        is none.
 
         Raises:
           CheckpointMismatchError: the checkpoint's identity differs from ``identity``.
+          ValueError: ``step`` was given but is not saved.
         """
-        step = self._manager.latest_step()
+        if step is not None and step not in self.steps():
+            raise ValueError(
+                f"no checkpoint after {step} rounds in {self.directory}; saved: {self.steps()}"
+            )
+        step = self._manager.latest_step() if step is None else step
         if step is None:
             return None
         saved = self._manager.restore(
