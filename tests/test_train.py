@@ -129,6 +129,20 @@ def test_all_clients_eval_matches_a_per_example_recomputation(tmp_path):
     assert final["eval/all_clients_loss"] == pytest.approx(losses / count, rel=1e-4)
 
 
+def test_eval_checkpoints_script_scores_each_saved_round(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "eval_checkpoints", os.path.join(ROOT, "scripts/eval_checkpoints.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    summary = train.train_and_evaluate(_smoke(rounds=2), str(tmp_path))
+    rows = mod.evaluate_checkpoints(str(tmp_path))
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[-1] == {"round": 2, **{k: v for k, v in summary["final"].items() if "all_" in k}}
+    with pytest.raises(ValueError, match="no checkpoint after 7 rounds"):
+        mod.evaluate_checkpoints(str(tmp_path), [7])
+
+
 def test_checkpoint_from_another_method_is_refused(tmp_path):
     train.train_and_evaluate(_smoke(rounds=1), str(tmp_path))
     with pytest.raises(CheckpointMismatchError, match="method"):
