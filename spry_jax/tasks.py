@@ -29,13 +29,18 @@ def classification_loss(logits: Array, batch: Batch) -> Array:
 
 
 def qa_loss(logits: Array, batch: Batch) -> Array:
-    """Mean of start and end cross-entropies; ``logits`` is ``[..., seq, 2]``."""
-    logits = logits.astype(jnp.float32)
-    start = optax.softmax_cross_entropy_with_integer_labels(
-        logits[..., 0], batch["start_positions"]
-    )
-    end = optax.softmax_cross_entropy_with_integer_labels(logits[..., 1], batch["end_positions"])
-    return _masked_mean(0.5 * (start + end), batch["example_mask"])
+    """Mean of start and end cross-entropies; ``logits`` is ``[..., seq, 2]``.
+
+    Both heads go through one cross-entropy over ``[..., 2, seq]`` (start row, end row) rather
+    than two over the sliced columns: same value, but with two separate slice-and-reduce tails
+    XLA's CPU memory scheduler (a DFS from the outputs) entered the whole primal pass before
+    any tangent op under ``jax.jvp``, keeping every activation alive (backprop-sized memory for
+    the forward gradient; docs/qa_memory.md, tests/core/test_client_memory.py).
+    """
+    both = jnp.swapaxes(logits.astype(jnp.float32), -1, -2)
+    positions = jnp.stack([batch["start_positions"], batch["end_positions"]], axis=-1)
+    ce = optax.softmax_cross_entropy_with_integer_labels(both, positions)
+    return _masked_mean(jnp.mean(ce, axis=-1), batch["example_mask"])
 
 
 def causal_lm_loss(logits: Array, batch: Batch) -> Array:
