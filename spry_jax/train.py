@@ -231,16 +231,13 @@ def evaluate_all_clients(exp: Experiment, params: Any, frozen: Any) -> dict[str,
             "eval/all_clients_examples": out["eval/examples"],
         }
     eval_fn = tasks.make_eval_fn(exp.model)
-    keys = ("input_ids", "attention_mask", "labels")
-    test = {k: np.concatenate([exp.fed.test[c][k] for c in clients]) for k in keys}
-    n, bs = len(test["labels"]), exp.config.eval_batch_size
+    union = {k: np.concatenate([exp.fed.test[c][k] for c in clients]) for k in exp.fed.test[0]}
+    packed = data_lib.pack_eval([union], batch_size=exp.config.eval_batch_size)
+    keys = ("input_ids", "attention_mask", "labels", "example_mask")
     sums = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
-    for i in range(0, n, bs):
-        batch = {k: v[i : i + bs] for k, v in test.items()}
-        size = len(batch["labels"])
-        batch = {k: np.pad(v, [(0, bs - size)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
-        batch["example_mask"] = (np.arange(bs) < size).astype(np.float32)
-        for k, v in eval_fn(params, frozen, batch).items():
+    for step in range(packed["example_mask"].shape[1]):
+        out = eval_fn(params, frozen, {k: packed[k][0, step] for k in keys})
+        for k, v in out.items():
             sums[k] += float(v)
     count = max(sums["count"], 1.0)
     return {
@@ -383,9 +380,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager.close()
     final = dict(last_eval)
     if config.eval_all_clients and config.rounds > 0:
-        final.update(evaluate_all_clients(exp, state.params, frozen))
-        board.write({"round": config.rounds - 1, **final})
-        logging.info("after round %d: %s", config.rounds - 1, metrics_lib.brief(final))
+        whole = evaluate_all_clients(exp, state.params, frozen)
+        final.update(whole)
+        board.write({"round": config.rounds - 1, **whole})
+        logging.info("after round %d: %s", config.rounds - 1, metrics_lib.brief(whole))
     board.close()
     progress.close()
     if log.records:
