@@ -38,8 +38,6 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -50,6 +48,7 @@ import numpy as np  # noqa: E402
 from spry_jax import config as config_lib  # noqa: E402
 from spry_jax import memory as memory_lib  # noqa: E402
 from spry_jax import methods, models, tasks  # noqa: E402
+from spry_jax.bench import run_row  # noqa: E402
 from spry_jax.core import client as client_lib  # noqa: E402
 from spry_jax.models import peft as peft_lib  # noqa: E402
 from spry_jax.types import SplitModel  # noqa: E402
@@ -399,13 +398,7 @@ def validate(name: str, method_names: list[str], batch: int = 8, seq: int = 64) 
             "import json, spry_jax.bench.memory as m; "
             f"print('ROW ' + json.dumps(m.measure_rss({name!r}, {method!r}, {batch}, {seq})))"
         )
-        proc = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
-        )
-        line = [x for x in proc.stdout.splitlines() if x.startswith("ROW ")]
-        if proc.returncode or not line:
-            raise RuntimeError(f"RSS measurement of {name}/{method} failed:\n{proc.stderr[-2000:]}")
-        rows.append(json.loads(line[0][4:]))
+        rows.append(run_row(code, env, f"RSS measurement of {name}/{method}"))
     return rows
 
 

@@ -28,14 +28,13 @@ import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 
 from spry_jax import train  # noqa: E402
+from spry_jax.bench import run_row  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES_PER_CLIENT = 40  # 80/20 split -> 32 train examples = 4 local steps of batch 8
@@ -114,13 +113,7 @@ def devices_run(num_devices: int, clients: int, repeats: int, method: str) -> di
         f"r = t.time_rounds(t.round_config({clients}, 'shard_map', {method!r}, {num_devices}), "
         f"{repeats}); r['devices'] = jax.device_count(); print('ROW ' + json.dumps(r))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
-    )
-    rows = [x for x in proc.stdout.splitlines() if x.startswith("ROW ")]
-    if proc.returncode or not rows:
-        raise RuntimeError(f"device run N={num_devices} failed:\n{proc.stderr[-2000:]}")
-    row = json.loads(rows[0][4:])
+    row = run_row(code, env, f"device run N={num_devices}")
     if row["devices"] != num_devices:
         raise RuntimeError(f"asked for {num_devices} devices, the subprocess had {row['devices']}")
     return {"N": num_devices, "M": clients, **row}
