@@ -185,6 +185,21 @@ def run(
     )
 
 
+def _curves(ax: Any, rows: list[dict[str, Any]], x: str, series: tuple) -> None:
+    """Mean cosine with its standard deviation against ``x`` for each ``(key, label)``."""
+    xs = [r[x] for r in rows]
+    for key, label in series:
+        ax.errorbar(
+            xs,
+            [r[key] for r in rows],
+            yerr=[r[key + "_std"] for r in rows],
+            marker="o",
+            capsize=2,
+            label=label,
+        )
+    ax.set_xscale("log", base=2)
+
+
 def plot(result: dict[str, Any], path: str) -> None:
     """Two panels: cosine vs K (at M = 10) and vs clients per round M (K = 1)."""
     import matplotlib
@@ -193,40 +208,27 @@ def plot(result: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    ks = [r["K"] for r in result["vs_k"]]
-    for key, label in (
-        ("spry_per_client", "Spry, per client (its units)"),
-        ("spry_round", "Spry, whole round"),
-        ("fedfgd", "FedFGD (all weights)"),
-        ("mezo", "MeZO / SPSA (all weights)"),
-    ):
-        a.errorbar(
-            ks,
-            [r[key] for r in result["vs_k"]],
-            yerr=[r[key + "_std"] for r in result["vs_k"]],
-            marker="o",
-            capsize=2,
-            label=label,
-        )
-    a.set_xscale("log", base=2)
+    _curves(
+        a,
+        result["vs_k"],
+        "K",
+        (
+            ("spry_per_client", "Spry, per client (its units)"),
+            ("spry_round", "Spry, whole round"),
+            ("fedfgd", "FedFGD (all weights)"),
+            ("mezo", "MeZO / SPSA (all weights)"),
+        ),
+    )
     a.set_xlabel("K (tangents / perturbations per step)")
     a.set_ylabel("cosine to jax.grad")
     a.set_title(f"vs K (M = {result['M_for_K']})")
     a.legend(fontsize=7)
-    ms = [r["M"] for r in result["vs_m"]]
-    for key, label in (
-        ("spry_per_client", "Spry, per client"),
-        ("spry_round", "Spry, whole round"),
-    ):
-        b.errorbar(
-            ms,
-            [r[key] for r in result["vs_m"]],
-            yerr=[r[key + "_std"] for r in result["vs_m"]],
-            marker="o",
-            capsize=2,
-            label=label,
-        )
-    b.set_xscale("log", base=2)
+    _curves(
+        b,
+        result["vs_m"],
+        "M",
+        (("spry_per_client", "Spry, per client"), ("spry_round", "Spry, whole round")),
+    )
     b.set_xlabel(f"clients per round M ({result['num_units']} units)")
     b.set_title("vs M (K = 1)")
     b.legend(fontsize=7)
