@@ -1,8 +1,8 @@
 """Orbax checkpoints of the server state, with an identity check on restore.
 
 A checkpoint holds the trainable weights, the server optimizer state, the round, the RNG key
-and the last aggregated update (FwdLLM+'s guide), plus an identity record (method, model name and fingerprint, PEFT, data fingerprint, seed);
-the frozen base weights are not copied. Orbax writes each step to a temporary directory and
+and the last aggregated update (FwdLLM+'s guide), plus an identity record (method, model name
+and fingerprint, PEFT, data fingerprint, seed); the frozen base weights are not copied. Orbax writes each step to a temporary directory and
 renames it when complete, so a process killed mid-write leaves the previous checkpoint intact.
 """
 

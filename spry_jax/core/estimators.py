@@ -134,7 +134,7 @@ def forward(num_tangents: int = 1, sigma: float = 1.0, batching: str = "vmap") -
         # The reported loss is made to depend on the tangent result. Otherwise XLA, scheduling
         # from the outputs, may finish the whole primal pass (for the loss) before the tangent
         # pass and keep every activation and dequantised kernel alive for it -- backprop-sized
-        # memory. Tied, the two passes run layer by layer (tests/core/test_estimators.py
+        # memory. Tied, the two passes run layer by layer (tests/core/test_client_memory.py
         # checks the client step's XLA memory estimate).
         loss = losses[0] + 0.0 * jnp.sum(jvps)
         return Estimate(loss, contract(jvps, tangents), jvps.astype(jnp.float32))
