@@ -64,6 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.fwd.num_tangents = 1  # K tangents per step
     c.fwd.sigma = 1.0  # tangent std; E[g] = sigma^2 grad
     c.fwd.tangent_batching = "vmap"  # "vmap" (fast) | "map" (sequential, least memory)
+    c.fwd.head = "joint"  # task head: "joint" (paper) | "separate" (own tangents) | "exact"
+    c.fwd.head_tangents = 16  # fwd.head="separate": the head's own tangents (each ~free)
 
     c.zo = ml_collections.ConfigDict()
     c.zo.eps = 1e-3  # FedMeZO: perturbation scale, forwards at w +- eps z

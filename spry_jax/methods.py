@@ -45,21 +45,29 @@ class Method:
     doc: str = ""
 
 
-def _forward(cfg: Any) -> estimators.Estimator:
-    return estimators.forward(cfg.fwd.num_tangents, cfg.fwd.sigma, cfg.fwd.tangent_batching)
+def _forward(cfg: Any, head_keys: tuple[str, ...] = ()) -> estimators.Estimator:
+    return estimators.forward(
+        cfg.fwd.num_tangents,
+        cfg.fwd.sigma,
+        cfg.fwd.tangent_batching,
+        head_keys=head_keys,
+        head_mode=cfg.fwd.head,
+        head_tangents=cfg.fwd.head_tangents,
+    )
 
 
-ESTIMATORS: dict[str, Callable[[Any], estimators.Estimator]] = {
+# Each builder takes the config and the model's head keys (only the forward estimator reads them).
+ESTIMATORS: dict[str, Callable[..., estimators.Estimator]] = {
     "forward": _forward,
-    "backprop": lambda cfg: estimators.backprop(remat=False),
-    "backprop_remat": lambda cfg: estimators.backprop_layer_remat(layers.layer_remat),
-    "backprop_mesp": lambda cfg: estimators.backprop_mesp(layers.lora_recompute),
-    "lcsb": lambda cfg: estimators.lcsb(cfg.lcsb.layers_per_step),
-    "mezo": lambda cfg: zero_order.spsa(cfg.zo.num_perturbations, cfg.zo.eps, "zo"),
-    "baffle": lambda cfg: zero_order.spsa(
+    "backprop": lambda cfg, head_keys=(): estimators.backprop(remat=False),
+    "backprop_remat": lambda cfg, head_keys=(): estimators.backprop_layer_remat(layers.layer_remat),
+    "backprop_mesp": lambda cfg, head_keys=(): estimators.backprop_mesp(layers.lora_recompute),
+    "lcsb": lambda cfg, head_keys=(): estimators.lcsb(cfg.lcsb.layers_per_step),
+    "mezo": lambda cfg, head_keys=(): zero_order.spsa(cfg.zo.num_perturbations, cfg.zo.eps, "zo"),
+    "baffle": lambda cfg, head_keys=(): zero_order.spsa(
         cfg.zo.baffle_num_perturbations, cfg.zo.baffle_sigma, "zo.baffle"
     ),
-    "fwdllm": lambda cfg: zero_order.fwdllm(
+    "fwdllm": lambda cfg, head_keys=(): zero_order.fwdllm(
         cfg.zo.fwdllm_num_candidates,
         cfg.zo.fwdllm_num_perturbations,
         cfg.zo.fwdllm_eps,
@@ -160,13 +168,21 @@ class RoundParts:
     fwd_sigma: float | None
 
 
-def build_round_parts(cfg: Any) -> RoundParts:
-    """Resolves the method row and the config into estimator and optimizers."""
+def build_round_parts(cfg: Any, head_keys: tuple[str, ...] = ()) -> RoundParts:
+    """Resolves the method row and the config into estimator and optimizers.
+
+    ``head_keys`` (``SplitModel.head_keys``) reach the forward estimator for ``fwd.head``.
+    """
     method = get_method(cfg.method)
     if cfg.comm_mode not in method.comm_modes:
         raise ValueError(
             f"comm_mode={cfg.comm_mode!r} is not available for method={cfg.method!r}; "
             f"it supports {method.comm_modes}."
+        )
+    if cfg.comm_mode == "per_iteration" and cfg.fwd.head != "joint":
+        raise ValueError(
+            f"fwd.head={cfg.fwd.head!r} needs comm_mode='per_epoch' (per-iteration clients send "
+            "only the K jvp scalars of one joint perturbation); set fwd.head='joint'."
         )
     client_name = method.client if cfg.client.optimizer == "auto" else cfg.client.optimizer
     client_lr = method.client_lr if method.client_lr is not None else cfg.client.lr
@@ -178,7 +194,7 @@ def build_round_parts(cfg: Any) -> RoundParts:
         )
     server_lr = cfg.server.lr if cfg.server.lr is not None else SERVER_DEFAULT_LR[server_name]
     return RoundParts(
-        estimator=ESTIMATORS[method.estimator](cfg),
+        estimator=ESTIMATORS[method.estimator](cfg, head_keys),
         client_optimizer=client_lib.make_client_optimizer(
             client_name,
             client_lr,

@@ -118,7 +118,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     model = models.make_split_model(
         config.model, config.peft, task=fed.task, num_labels=fed.num_labels, seed=config.seed
     )
-    parts = methods.build_round_parts(config)
+    parts = methods.build_round_parts(config, model.head_keys)
     units = units_lib.make_units(
         model.order, config.split.tensors_per_unit, model.head_keys, config.split.classifier_share
     )

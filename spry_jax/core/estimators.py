@@ -104,7 +104,17 @@ def backprop(remat: bool = False) -> Estimator:
     return estimate
 
 
-def forward(num_tangents: int = 1, sigma: float = 1.0, batching: str = "vmap") -> Estimator:
+HEAD_MODES = ("joint", "separate", "exact")
+
+
+def forward(
+    num_tangents: int = 1,
+    sigma: float = 1.0,
+    batching: str = "vmap",
+    head_keys: tuple[str, ...] = (),
+    head_mode: str = "joint",
+    head_tangents: int = 16,
+) -> Estimator:
     """Forward-gradient estimator with K tangents on the client's units.
 
     Args:
@@ -113,6 +123,20 @@ def forward(num_tangents: int = 1, sigma: float = 1.0, batching: str = "vmap") -
         ``sigma**2``.
       batching: ``"vmap"`` evaluates the K jvps in one batched pass (fast, K x activations);
         ``"map"`` runs them one after another with ``lax.map`` (inference-level memory).
+      head_keys: the task head's leaves (``SplitModel.head_keys``); only read when
+        ``head_mode != "joint"``.
+      head_mode: how the head's gradient is estimated (``fwd.head``). ``"joint"`` (the paper):
+        the head is perturbed by the same K tangents as the client's body units. At MiniLM's
+        initialisation the head holds ~100-1000x the gradient norm of a LoRA B matrix
+        (scripts/diagnose_forward.py), and a jointly perturbed unit's noise scales with the
+        *whole* perturbed gradient, ``Var[(g.v) v_i] = |g|^2 + g_i^2``, so the head's gradient
+        drowns the LoRA estimates (SNR ~1e-7 instead of ~1/d). ``"separate"``: the body units
+        get the K tangents, the head its own ``head_tangents`` tangents and jvps; a head
+        tangent only runs through the head (the body's primal is shared), so it costs almost
+        nothing. ``"exact"``: the head's exact gradient by forward mode (``jax.jacfwd`` over
+        the head's weights, one jvp per head weight, each through the head only). Both are
+        extensions beyond the paper; per-epoch communication only.
+      head_tangents: tangents for the head in ``"separate"`` mode (``fwd.head_tangents``).
     """
     if num_tangents < 1:
         raise ValueError(f"fwd.num_tangents must be >= 1, got {num_tangents}")
@@ -120,24 +144,53 @@ def forward(num_tangents: int = 1, sigma: float = 1.0, batching: str = "vmap") -
         raise ValueError(f"fwd.sigma must be > 0, got {sigma}")
     if batching not in ("vmap", "map"):
         raise ValueError(f"fwd.tangent_batching must be 'vmap' or 'map', got {batching!r}")
+    if head_mode not in HEAD_MODES:
+        raise ValueError(f"fwd.head must be one of {HEAD_MODES}, got {head_mode!r}")
+    if head_mode == "separate" and head_tangents < 1:
+        raise ValueError(f"fwd.head_tangents must be >= 1, got {head_tangents}")
+    head = frozenset(head_keys) if head_mode != "joint" else frozenset()
 
-    def estimate(f: LossClosure, params: Trainable, mask: Trainable, key: Array) -> Estimate:
-        tangents = draw_tangents(key, params, mask, num_tangents, sigma)
-
+    def jvps_along(f_sub, primal, tangents):
         def one(v):
-            return jax.jvp(f, (params,), (v,))
+            return jax.jvp(f_sub, (primal,), (v,))
 
         if batching == "vmap":
-            losses, jvps = jax.vmap(one)(tangents)
+            return jax.vmap(one)(tangents)
+        return jax.lax.map(one, tangents)
+
+    def estimate(f: LossClosure, params: Trainable, mask: Trainable, key: Array) -> Estimate:
+        # Tangents are drawn for every leaf (leaf index in sorted key order, as the server
+        # regenerates them) and the head's are dropped when it is estimated on its own.
+        tangents = draw_tangents(key, params, mask, num_tangents, sigma)
+        if not head:
+            losses, jvps = jvps_along(f, params, tangents)
+            grad = contract(jvps, tangents)
         else:
-            losses, jvps = jax.lax.map(one, tangents)
+            body = {k: v for k, v in params.items() if k not in head}
+            top = {k: v for k, v in params.items() if k in head}
+            body_tangents = {k: v for k, v in tangents.items() if k not in head}
+            if body:
+                losses, jvps = jvps_along(lambda b: f({**b, **top}), body, body_tangents)
+                grad = contract(jvps, body_tangents)
+            else:  # head-only PEFT: no body tangents
+                losses, jvps = f(params)[None], jnp.zeros((num_tangents,), jnp.float32)
+                grad = {}
+            f_head = lambda h: f({**body, **h})  # noqa: E731
+            if head_mode == "exact":
+                head_grad = jax.jacfwd(f_head)(top)
+            else:
+                head_key = jax.random.fold_in(key, len(params))
+                head_v = draw_tangents(head_key, top, mask, head_tangents, sigma)
+                _, head_jvps = jvps_along(f_head, top, head_v)
+                head_grad = contract(head_jvps, head_v)
+            grad.update({k: v * mask[k].astype(v.dtype) for k, v in head_grad.items()})
         # The reported loss is made to depend on the tangent result. Otherwise XLA, scheduling
         # from the outputs, may finish the whole primal pass (for the loss) before the tangent
         # pass and keep every activation and dequantised kernel alive for it -- backprop-sized
         # memory. Tied, the two passes run layer by layer (tests/core/test_client_memory.py
         # checks the client step's XLA memory estimate).
         loss = losses[0] + 0.0 * jnp.sum(jvps)
-        return Estimate(loss, contract(jvps, tangents), jvps.astype(jnp.float32))
+        return Estimate(loss, grad, jvps.astype(jnp.float32))
 
     return estimate
 

@@ -131,3 +131,57 @@ def test_bad_forward_settings_name_the_field():
         E.forward(1, sigma=0.0)
     with pytest.raises(ValueError, match="tangent_batching"):
         E.forward(1, batching="pmap")
+
+
+HEAD = ("head/kernel", "head/bias")
+
+
+def test_exact_head_is_the_head_gradient_and_separate_head_is_unbiased(problem):
+    """fwd.head='exact' gives jax.grad on the head; 'separate' is unbiased on head and body, and
+    the body's variance no longer carries the head's gradient norm."""
+    model, f, grad = problem
+    unit = ("l0/lora_a", "l0/lora_b")
+    mask = _mask(model, unit + HEAD)
+    exact = E.forward(1, head_keys=HEAD, head_mode="exact")(
+        f, model.trainable, mask, jax.random.PRNGKey(3)
+    )
+    for k in HEAD:
+        np.testing.assert_allclose(exact.grad[k], grad[k], rtol=1e-5, atol=1e-7)
+    for k in ("l1/lora_a", "l1/lora_b"):
+        assert float(jnp.abs(exact.grad[k]).max()) == 0.0
+
+    samples = _samples(
+        E.forward(1, head_keys=HEAD, head_mode="separate", head_tangents=2),
+        f,
+        model.trainable,
+        mask,
+    )
+    for keys, k_draws in ((unit, 1), (HEAD, 2)):
+        g = _flat(grad, keys)
+        est = np.concatenate([np.asarray(samples[k]).reshape(N_SAMPLES, -1) for k in keys], 1)
+        # Each block's noise involves only its own gradient: Var = (|g_b|^2 + g_i^2) / K_b.
+        var = (np.sum(g**2) + g**2) / k_draws
+        z = (est.mean(0) - g) / np.sqrt(var / N_SAMPLES)
+        assert np.abs(z).max() < 5.0, (keys, np.abs(z).max())
+        sampled = est.var(0)
+        np.testing.assert_allclose(sampled, var, rtol=0.1)
+
+
+def test_head_modes_need_per_epoch_and_joint_is_unchanged(problem):
+    model, f, _ = problem
+    mask = _mask(model, ("l1/lora_a", "l1/lora_b") + HEAD)
+    key = jax.random.PRNGKey(5)
+    a = E.forward(4)(f, model.trainable, mask, key)
+    b = E.forward(4, head_keys=HEAD, head_mode="joint")(f, model.trainable, mask, key)
+    for k in model.trainable:
+        np.testing.assert_array_equal(a.grad[k], b.grad[k])
+    with pytest.raises(ValueError, match="fwd.head"):
+        E.forward(1, head_keys=HEAD, head_mode="jointly")
+    from spry_jax import methods
+    from spry_jax.config import default_config
+
+    c = default_config()
+    c.fwd.head = "exact"
+    c.comm_mode = "per_iteration"
+    with pytest.raises(ValueError, match="fwd.head='exact' needs comm_mode='per_epoch'"):
+        methods.build_round_parts(c)
