@@ -72,10 +72,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.zo.num_perturbations = 1  # FedMeZO: SPSA directions per step (averaged)
     c.zo.baffle_sigma = 1e-4  # Baffle+: perturbation scale
     c.zo.baffle_num_perturbations = 10  # Baffle+: K directions per step, each weighted 1/K
-    c.zo.fwdllm_eps = 1e-3  # FwdLLM+: finite-difference scale
-    c.zo.fwdllm_num_candidates = 10  # FwdLLM+: directions drawn per step before selection
-    c.zo.fwdllm_num_perturbations = 2  # FwdLLM+: K most aligned with the last update, used
-    c.zo.fwdllm_var_threshold = 0.0  # FwdLLM+: drop steps noisier than this; 0 = off
+    c.zo.fwdllm_eps = 1e-2  # FwdLLM+: finite-difference scale h (release: 1e-2)
+    c.zo.fwdllm_num_candidates = 200  # FwdLLM+: pool drawn per step (release: 10 x K)
+    c.zo.fwdllm_num_perturbations = 20  # FwdLLM+: K best-aligned directions used (SQuAD: 1)
+    c.zo.fwdllm_client_var_threshold = 1e2  # FwdLLM+: drop clients with variance >= it; 0 = off
+    c.zo.fwdllm_var_threshold = 0.0  # FwdLLM+ option: skip noisier steps (relative); 0 = off
 
     c.lcsb = ml_collections.ConfigDict()
     c.lcsb.layers_per_step = 1  # LCSB: layers per cyclic block (the task head is in every block)
@@ -214,6 +215,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"fwd.num_tangents must be >= 1, got {config.fwd.num_tangents}")
     if config.fwd.sigma <= 0:
         raise ValueError(f"fwd.sigma must be > 0, got {config.fwd.sigma}")
+    if config.zo.fwdllm_client_var_threshold < 0:
+        raise ValueError(
+            "zo.fwdllm_client_var_threshold must be >= 0 (0 = off), got "
+            f"{config.zo.fwdllm_client_var_threshold}"
+        )
     if config.split.tensors_per_unit < 1:
         raise ValueError(
             f"split.tensors_per_unit must be >= 1, got {config.split.tensors_per_unit}"

@@ -35,7 +35,12 @@ def client_step_memory(
 ) -> dict[str, int]:
     """XLA memory estimate of one local step of the round's own client program
     (:func:`spry_jax.core.client.make_client_update` with one step) on ``batch`` (``[B, ...]``)."""
-    update = make_client_update(spec.loss_fn, spec.estimator, spec.client_optimizer)
+    update = make_client_update(
+        spec.loss_fn,
+        spec.estimator,
+        spec.client_optimizer,
+        report_variance=getattr(spec, "client_var_threshold", 0.0) > 0,
+    )
     mask = {k: jnp.float32(1.0) for k in params}
 
     def one_step(p, fr, b, key):

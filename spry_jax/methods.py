@@ -122,7 +122,7 @@ METHODS: dict[str, Method] = {
         False,
         "fedyogi",
         doc="FwdLLM+: finite-difference forward gradient along directions picked for "
-        "similarity to the last round's update, FedYogi",
+        "similarity to the last round's update, clients with variance >= 1e2 dropped, FedYogi",
     ),
     "fedavg_mesp": Method(
         "backprop_mesp",
@@ -160,12 +160,19 @@ def get_method(name: str) -> Method:
 
 @dataclasses.dataclass(frozen=True)
 class RoundParts:
+    """What :class:`spry_jax.core.round.RoundSpec` needs from the method row and the config.
+
+    ``client_var_threshold`` is FwdLLM+'s server-side client filter
+    (``zo.fwdllm_client_var_threshold``, FwdLLM+ only; 0 = off).
+    """
+
     estimator: estimators.Estimator
     client_optimizer: optax.GradientTransformation
     server_optimizer: optax.GradientTransformation
     split: bool
     max_steps: int | None
     fwd_sigma: float | None
+    client_var_threshold: float = 0.0
 
 
 def build_round_parts(cfg: Any, head_keys: tuple[str, ...] = ()) -> RoundParts:
@@ -214,4 +221,7 @@ def build_round_parts(cfg: Any, head_keys: tuple[str, ...] = ()) -> RoundParts:
         split=method.split,
         max_steps=method.max_steps,
         fwd_sigma=cfg.fwd.sigma if method.estimator == "forward" else None,
+        client_var_threshold=(
+            float(cfg.zo.fwdllm_client_var_threshold) if method.estimator == "fwdllm" else 0.0
+        ),
     )

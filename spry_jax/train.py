@@ -141,6 +141,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         backend=backend,
         mesh=mesh,
         fwd_sigma=parts.fwd_sigma,
+        client_var_threshold=parts.client_var_threshold,
         eval_fn=tasks.make_eval_fn(model) if fed.task == "classification" else None,
     )
     b = config.client.batch_size
@@ -363,6 +364,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "comm/up_bytes": up,
             "comm/down_bytes": down,
         }
+        for key in ("train/dropped_clients", "train/client_variance"):
+            if key in m:
+                record[key] = float(m[key])
         if r == 0 and memory:
             record.update({f"memory/client_step_{k}": v for k, v in memory.items()})
         if in_program_eval:

@@ -318,3 +318,19 @@ def test_new_rows_have_the_documented_settings():
     c.comm_mode = "per_iteration"
     with pytest.raises(ValueError, match="comm_mode"):
         methods.build_round_parts(c)
+
+
+def test_fwdllm_plus_defaults_are_the_release_settings():
+    c = default_config()
+    assert c.zo.fwdllm_client_var_threshold == 1e2  # the published client filter, on
+    assert c.zo.fwdllm_var_threshold == 0.0  # the step filter is an option, off
+    assert (c.zo.fwdllm_num_perturbations, c.zo.fwdllm_eps) == (20, 1e-2)
+    assert c.zo.fwdllm_num_candidates == 10 * c.zo.fwdllm_num_perturbations
+    c.method = "fwdllm_plus"
+    assert methods.build_round_parts(c).client_var_threshold == 1e2
+    c.zo.fwdllm_client_var_threshold = 0.0
+    assert methods.build_round_parts(c).client_var_threshold == 0.0
+    c.zo.fwdllm_client_var_threshold = 1e2
+    for other in ("spry", "fedavg", "baffle_plus", "fedavg_lcsb"):
+        c.method = other
+        assert methods.build_round_parts(c).client_var_threshold == 0.0, other

@@ -1,4 +1,14 @@
-"""Client optimizers and the local update of one client (``lax.scan`` over local steps)."""
+"""Client optimizers and the local update of one client (``lax.scan`` over local steps).
+
+Skipped leaves really skip. The optimizer keeps one state per trainable leaf
+(:func:`init_leaf_states`) and steps leaf by leaf (:func:`leafwise_step`): a leaf the step's
+estimate does not cover -- outside the client's mask, outside LCSB's current block, or every
+leaf of a step FwdLLM+'s step filter dropped (``Estimate.estimated``) -- keeps its weights *and*
+its optimizer state bit for bit. That is PyTorch's behaviour for a parameter whose ``grad`` is
+None: no momentum decay, no weight decay, and, because Adam's ``step`` count is per parameter,
+no advance of its bias correction. One state per leaf is what makes the last point possible
+(optax's Adam has one ``count`` for the whole tree); the extra cost is one int32 per leaf.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spry_jax.core.estimators import Estimator
+from spry_jax.core.estimators import Estimate, Estimator
 from spry_jax.types import Array, Batch, PyTree, Trainable
 
 # loss_fn(trainable, frozen, batch, dropout_rng) -> scalar mean loss over the batch's real examples.
@@ -54,12 +64,31 @@ class ClientResult(NamedTuple):
       num_examples: examples seen (summed over epochs; the aggregation weight).
       loss: mean training loss over the client's real steps.
       num_steps: number of real local steps taken.
+      variance: the client's gradient-estimate variance (:func:`split_half_variance`) when the
+        update is built with ``report_variance=True``, else 0.
     """
 
     delta: Trainable
     num_examples: Array
     loss: Array
     num_steps: Array
+    variance: Array
+
+
+class LocalTrainResult(NamedTuple):
+    """The end state of one client's local training (:func:`make_local_train`).
+
+    Attributes:
+      params: the trainable weights after the last step.
+      opt_state: the per-leaf optimizer states (:func:`init_leaf_states`) after the last step.
+      loss_sum: sum of the real steps' losses.
+      variance: :func:`split_half_variance` of the step estimates (0 unless reported).
+    """
+
+    params: Trainable
+    opt_state: dict[str, optax.OptState]
+    loss_sum: Array
+    variance: Array
 
 
 def step_keys(client_key: Array, step: Array) -> tuple[Array, Array]:
@@ -95,17 +124,174 @@ def _select(pred: Array, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
+def init_leaf_states(
+    optimizer: optax.GradientTransformation, params: Trainable
+) -> dict[str, optax.OptState]:
+    """One optimizer state per trainable leaf, so each leaf has its own step count.
+
+    Stepping leaf by leaf is the same transform as stepping the tree for the elementwise client
+    optimizers (:data:`CLIENT_OPTIMIZERS`); a tree-global one (global-norm clipping) is not.
+    """
+    return {k: optimizer.init(v) for k, v in params.items()}
+
+
+def leafwise_step(
+    optimizer: optax.GradientTransformation,
+    grads: Trainable,
+    states: dict[str, optax.OptState],
+    params: Trainable,
+    active: dict[str, Array],
+) -> tuple[Trainable, dict[str, optax.OptState]]:
+    """One optimizer step, leaf by leaf; leaf ``k`` changes only where ``active[k]`` is true.
+
+    An inactive leaf keeps its weights and its optimizer state (moments and step count) bit for
+    bit -- what PyTorch does for a parameter whose ``grad`` is None. ``active`` holds one scalar
+    bool per leaf, so the selection works unchanged under ``vmap`` and ``scan``.
+
+    Returns:
+      ``(params, states)`` after the step.
+    """
+    new_params, new_states = {}, {}
+    for k, p in params.items():
+        update, state = optimizer.update(grads[k], states[k], p)
+        new_params[k] = jnp.where(active[k], p + update.astype(p.dtype), p)
+        new_states[k] = _select(active[k], state, states[k])
+    return new_params, new_states
+
+
+def estimated_leaves(est: Estimate, mask: Trainable) -> dict[str, Array]:
+    """Per leaf, whether this step's estimate covers it: inside the client's mask and marked in
+    ``est.estimated`` (None = every masked leaf)."""
+    if est.estimated is None:
+        return {k: m > 0 for k, m in mask.items()}
+    return {k: (m > 0) & (jnp.asarray(est.estimated[k]) > 0) for k, m in mask.items()}
+
+
+def split_half_variance(
+    sums: tuple[Trainable, Trainable], counts: tuple[Array, Array], mask: Trainable
+) -> Array:
+    """The FwdLLM+ client variance (what ``zo.fwdllm_client_var_threshold`` is compared with).
+
+    Split the client's real local steps into the first ``floor(n / 2)`` (A) and the rest (B);
+    let ``gA``, ``gB`` be the means of the step estimates ``g_s`` (each the step's averaged
+    K-direction estimate) over the steps of each half the estimator marked estimated. The
+    variance is the mean over the client's masked elements ``i`` of the unbiased two-sample
+    variance ``(gA_i - gB_i)^2 / 2``. It is 0 when either half has no estimated step (fewer
+    than two real steps): nothing to measure, so nothing to drop.
+
+    Why this one: it is the statistic FwdLLM's release uses for its variance control and the
+    one Spry's FwdLLM+ client computes (``calculate_var``: ``torch.var`` of the two half means
+    of the step estimates, averaged over elements) -- where it computes one at all: its
+    classification clients report 0, and its QA client reads a single hard-coded tensor index.
+    Here every masked element counts, which needs no per-model index. It measures how much the
+    client's estimates disagree over its local epoch (perturbation noise and batch noise
+    together), on the scale of ``g``, so the release's 1e2 only fires on clients whose
+    estimates blow up.
+
+    Args:
+      sums: ``(sum of g_s over A, sum over B)``, float32 leaves.
+      counts: ``(|A|, |B|)``.
+      mask: the client's 0/1 leaf mask (selects the elements averaged over).
+    """
+    (sum_a, sum_b), (n_a, n_b) = sums, counts
+    ok = (n_a > 0) & (n_b > 0)
+    sq = sum(
+        (mask[k] > 0)
+        * jnp.sum(jnp.square(sum_a[k] / jnp.maximum(n_a, 1) - sum_b[k] / jnp.maximum(n_b, 1)))
+        for k in sum_a
+    )
+    elements = sum((mask[k] > 0) * sum_a[k].size for k in sum_a)
+    return jnp.where(ok, sq / 2.0 / jnp.maximum(elements, 1), 0.0).astype(jnp.float32)
+
+
+def make_local_train(
+    loss_fn: LossFn,
+    estimator: Estimator,
+    optimizer: optax.GradientTransformation,
+    report_variance: bool = False,
+) -> Callable[..., LocalTrainResult]:
+    """Builds ``local_train(params, frozen, mask, batches, step_mask, key, context=None)``.
+
+    ``batches`` leaves are ``[steps, batch, ...]``; ``step_mask`` ``[steps]`` marks real steps.
+    A fresh per-leaf optimizer state is created per call (per round). Each real step estimates
+    the gradient and applies :func:`leafwise_step` to the leaves the estimate covers
+    (:func:`estimated_leaves`); padding steps and uncovered leaves change nothing, weights and
+    optimizer state alike. ``context`` (the round's ``{"round", "guide"}``) feeds estimators that
+    declare ``extra_inputs`` (:func:`estimator_kwargs`); others never see it.
+
+    Args:
+      report_variance: also accumulate the half sums of the step estimates (two float32 copies
+        of the trainable weights) and report :func:`split_half_variance`.
+    """
+
+    def local_train(
+        params: Trainable,
+        frozen: PyTree,
+        mask: Trainable,
+        batches: Batch,
+        step_mask: Array,
+        key: Array,
+        context: dict[str, PyTree] | None = None,
+    ) -> LocalTrainResult:
+        num_steps = step_mask.shape[0]
+        # Rank of each real step among the real ones; the first floor(n/2) form half A.
+        first_half = jnp.cumsum(step_mask) - step_mask < jnp.floor(jnp.sum(step_mask) / 2)
+
+        def step(carry, xs):
+            p, s, loss_sum, acc = carry
+            batch, valid, idx, first = xs
+            drop_key, est_key = step_keys(key, idx)
+            extra = estimator_kwargs(estimator, context, idx, num_steps)
+            est = estimator(
+                lambda w: loss_fn(w, frozen, batch, drop_key), p, mask, est_key, **extra
+            )
+            real = valid > 0
+            active = {k: real & on for k, on in estimated_leaves(est, mask).items()}
+            p, s = leafwise_step(optimizer, est.grad, s, p, active)
+            if report_variance:
+                acc = _accumulate_halves(acc, est.grad, active, first)
+            return (p, s, loss_sum + valid * est.loss, acc), None
+
+        acc0 = None
+        if report_variance:
+            zeros = {k: jnp.zeros(v.shape, jnp.float32) for k, v in params.items()}
+            zero = jnp.zeros((), jnp.float32)
+            acc0 = ((zeros, zeros), (zero, zero))
+        init = (params, init_leaf_states(optimizer, params), jnp.zeros((), jnp.float32), acc0)
+        xs = (batches, step_mask, jnp.arange(num_steps), first_half)
+        (final, states, loss_sum, acc), _ = jax.lax.scan(step, init, xs)
+        variance = jnp.zeros((), jnp.float32)
+        if report_variance:
+            variance = split_half_variance(acc[0], acc[1], mask)
+        return LocalTrainResult(final, states, loss_sum, variance)
+
+    return local_train
+
+
+def _accumulate_halves(acc, grad: Trainable, active: dict[str, Array], first: Array):
+    """Adds one step's estimate to the sum of its half; a step that estimated nothing is left out."""
+    (sum_a, sum_b), (n_a, n_b) = acc
+    on = jnp.any(jnp.stack(list(active.values())))
+    in_a, in_b = on & first, on & ~first
+    g = {k: jnp.where(active[k], v, 0).astype(jnp.float32) for k, v in grad.items()}
+    sum_a = {k: jnp.where(in_a, sum_a[k] + g[k], sum_a[k]) for k in sum_a}
+    sum_b = {k: jnp.where(in_b, sum_b[k] + g[k], sum_b[k]) for k in sum_b}
+    return (sum_a, sum_b), (n_a + in_a, n_b + in_b)
+
+
 def make_client_update(
-    loss_fn: LossFn, estimator: Estimator, optimizer: optax.GradientTransformation
+    loss_fn: LossFn,
+    estimator: Estimator,
+    optimizer: optax.GradientTransformation,
+    report_variance: bool = False,
 ) -> Callable[..., ClientResult]:
     """Builds ``client_update(params, frozen, mask, batches, step_mask, key) -> ClientResult``.
 
-    ``batches`` leaves are ``[steps, batch, ...]``; ``step_mask`` ``[steps]`` marks real steps
-    (padding steps change nothing). A fresh optimizer state is created per call (per round), and
-    only the masked leaves ever change -- updates, including weight decay, are masked.
-    ``context`` (the round's ``{"round", "guide"}``) feeds estimators that declare
-    ``extra_inputs`` (:func:`estimator_kwargs`); others never see it.
+    Local training as :func:`make_local_train` (same arguments, plus ``context``), reduced to
+    what the client sends: the masked delta, its example count, mean loss, step count and, with
+    ``report_variance``, its :func:`split_half_variance` (FwdLLM+'s server-side client filter).
     """
+    local_train = make_local_train(loss_fn, estimator, optimizer, report_variance)
 
     def client_update(
         params: Trainable,
@@ -116,37 +302,15 @@ def make_client_update(
         key: Array,
         context: dict[str, PyTree] | None = None,
     ) -> ClientResult:
-        opt_state = optimizer.init(params)
-        num_steps = step_mask.shape[0]
-
-        def step(carry, xs):
-            p, s, loss_sum = carry
-            batch, valid, idx = xs
-            drop_key, est_key = step_keys(key, idx)
-            extra = estimator_kwargs(estimator, context, idx, num_steps)
-            est = estimator(
-                lambda w: loss_fn(w, frozen, batch, drop_key), p, mask, est_key, **extra
-            )
-            updates, s_new = optimizer.update(est.grad, s, p)
-            p_new = {k: p[k] + updates[k] * mask[k].astype(p[k].dtype) for k in p}
-            valid_b = valid > 0
-            carry = (
-                _select(valid_b, p_new, p),
-                _select(valid_b, s_new, s),
-                loss_sum + valid * est.loss,
-            )
-            return carry, None
-
-        init = (params, opt_state, jnp.zeros((), jnp.float32))
-        xs = (batches, step_mask, jnp.arange(num_steps))
-        (final, _, loss_sum), _ = jax.lax.scan(step, init, xs)
+        out = local_train(params, frozen, mask, batches, step_mask, key, context)
         real_steps = jnp.sum(step_mask)
-        delta = {k: (final[k] - params[k]) * mask[k].astype(params[k].dtype) for k in params}
+        delta = {k: (out.params[k] - params[k]) * mask[k].astype(params[k].dtype) for k in params}
         return ClientResult(
             delta=delta,
             num_examples=jnp.sum(batches["example_mask"] * step_mask[:, None]),
-            loss=loss_sum / jnp.maximum(real_steps, 1.0),
+            loss=out.loss_sum / jnp.maximum(real_steps, 1.0),
             num_steps=real_steps,
+            variance=out.variance,
         )
 
     return client_update

@@ -41,11 +41,17 @@ class Estimate(NamedTuple):
       grad: the gradient estimate, same structure as ``params``, zero outside the mask.
       jvps: ``[K]`` directional derivatives for forward estimators (what a client sends in
         per-iteration mode), else an empty ``[0]`` array.
+      estimated: per leaf, a scalar that is nonzero where this step estimated the leaf; None
+        means every leaf of the mask. The client update gives a leaf that was not estimated
+        no weight change and no optimizer-state change (``grad is None`` in PyTorch), so an
+        estimator that skips leaves (LCSB's block) or a whole step (FwdLLM+'s step filter)
+        says so here instead of returning a zero gradient, which AdamW would still step on.
     """
 
     loss: Array
     grad: Trainable
     jvps: Array
+    estimated: Trainable | None = None
 
 
 Estimator = Callable[[LossClosure, Trainable, Trainable, Array], Estimate]
@@ -263,8 +269,9 @@ def lcsb(layers_per_step: int = 1) -> Estimator:
 
     At global local step ``s`` (``round * steps_per_round + step``, so the cycle continues
     across rounds) only the leaves of block ``s mod num_blocks`` (:func:`lcsb_blocks`: a run
-    of ``layers_per_step`` layers plus the task head) get their exact gradient; all others get
-    zero. Each block is its own ``lax.switch`` branch that differentiates with respect to that
+    of ``layers_per_step`` layers plus the task head) get their exact gradient; all others are
+    marked not estimated (``Estimate.estimated``), so they do not move at all that step --
+    block coordinate descent, with their AdamW moments and step count frozen. Each block is its own ``lax.switch`` branch that differentiates with respect to that
     block's leaves only, so activations below the block's lowest layer carry no cotangent:
     the backward pass stops there and nothing below it is stored for backprop.
 
@@ -293,7 +300,10 @@ def lcsb(layers_per_step: int = 1) -> Estimator:
 
         index = jnp.asarray(step, jnp.int32) % len(blocks)
         loss, grad = jax.lax.switch(index, [branch(b) for b in blocks], params)
-        return Estimate(loss, _mask_tree(grad, mask), jnp.zeros((0,), jnp.float32))
+        # Row b: which leaves block b covers (the head is in every block).
+        table = jnp.asarray([[k in b for k in keys] for b in blocks])
+        estimated = {k: table[index, i] for i, k in enumerate(keys)}
+        return Estimate(loss, _mask_tree(grad, mask), jnp.zeros((0,), jnp.float32), estimated)
 
     estimate.extra_inputs = ("step",)
     return estimate

@@ -7,6 +7,8 @@
 2. run every client's local update, ``jax.vmap`` over the client axis, the client axis sharded
    over the mesh axis ``'clients'`` with ``jax.shard_map`` (padded slots carry zero weight);
 3. aggregate per unit (example-weighted mean over the clients that trained it, a ``psum``);
+   with ``client_var_threshold > 0`` (FwdLLM+ as published) a client whose reported
+   gradient-estimate variance is at or above the threshold gets weight zero;
 4. apply the server optimizer to the pseudo-gradient ``-delta``.
 
 Backends (``round.backend``): ``shard_map`` (one program over all devices; the default),
@@ -16,9 +18,10 @@ as fedjax's jit backend -- the fair speed baseline) and ``debug`` (a Python loop
 
 ``comm_mode='per_iteration'`` (Spry §3.2): every local step each client sends only its K jvp
 scalars; the server regenerates the tangents from (round key, client, step), rebuilds each unit's
-gradient averaged over the unit's clients and steps one shared optimizer. Clients therefore stay
-synchronised every step; the round's net change then goes through the server optimizer like a
-per-epoch delta.
+gradient averaged over the unit's clients and steps one shared optimizer (one state per leaf:
+a leaf no active client trained this step keeps its weights and optimizer state). Clients
+therefore stay synchronised every step; the round's net change then goes through the server
+optimizer like a per-epoch delta.
 """
 
 from __future__ import annotations
@@ -36,7 +39,13 @@ from jax.sharding import PartitionSpec as P
 
 from spry_jax.core import aggregation
 from spry_jax.core import units as units_lib
-from spry_jax.core.client import LossFn, make_client_update, step_keys
+from spry_jax.core.client import (
+    LossFn,
+    init_leaf_states,
+    leafwise_step,
+    make_client_update,
+    step_keys,
+)
 from spry_jax.core.estimators import Estimator, reconstruct_gradient
 from spry_jax.types import Array, Batch, PyTree, Trainable
 
@@ -86,6 +95,10 @@ class RoundSpec:
         ``correct`` and ``count``); when the round gets ``eval_batches`` it reports the sums for
         the global model before training (generalized) and for each client's model after its
         local training (personalized), REFERENCE.md §2 "Evaluation".
+      client_var_threshold: FwdLLM+'s server-side client filter (per-epoch mode): each client
+        reports its :func:`spry_jax.core.client.split_half_variance` and a client at or above
+        the threshold is left out of the aggregate (weight zero; ``train/dropped_clients``
+        counts them). 0 = off.
     """
 
     loss_fn: LossFn
@@ -101,6 +114,7 @@ class RoundSpec:
     mesh: Mesh | None = None
     fwd_sigma: float | None = None
     eval_fn: Callable[..., dict[str, Array]] | None = None
+    client_var_threshold: float = 0.0
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -109,6 +123,12 @@ class RoundSpec:
             raise ValueError(f"comm_mode={self.comm_mode!r}; choose one of {COMM_MODES}.")
         if self.num_slots < self.clients_per_round:
             raise ValueError("num_slots must be >= clients_per_round.")
+        if self.client_var_threshold < 0:
+            raise ValueError(
+                f"client_var_threshold must be >= 0 (0 = off), got {self.client_var_threshold}"
+            )
+        if self.client_var_threshold > 0 and self.comm_mode != "per_epoch":
+            raise ValueError("the client variance filter needs comm_mode='per_epoch'.")
         if self.comm_mode == "per_iteration" and self.fwd_sigma is None:
             raise ValueError(
                 "comm_mode='per_iteration' needs a forward-gradient method (the clients send jvp "
@@ -190,17 +210,32 @@ def _psum(tree: PyTree, axis: str | None) -> PyTree:
 
 
 def _per_epoch_contrib(spec: RoundSpec) -> Callable[..., tuple]:
-    client_update = make_client_update(spec.loss_fn, spec.estimator, spec.client_optimizer)
+    filtered = spec.client_var_threshold > 0
+    client_update = make_client_update(
+        spec.loss_fn, spec.estimator, spec.client_optimizer, report_variance=filtered
+    )
 
     def contrib(params, frozen, mask, batches, step_mask, key, eval_batches=None, context=None):
         res = client_update(params, frozen, mask, batches, step_mask, key, context)
-        num, den = aggregation.weighted_sums(res.delta, mask, res.num_examples)
         real = (jnp.sum(step_mask) > 0).astype(jnp.float32)
+        weight, delta, dropped = res.num_examples, res.delta, jnp.zeros((), jnp.float32)
+        if filtered:
+            # The filter is a per-client scalar on the aggregation weight, so every backend
+            # applies it the same way. `<` also drops a NaN variance; the delta is zeroed
+            # rather than weighted by 0 so that a non-finite one cannot leak in as 0 * inf.
+            keep = res.variance < spec.client_var_threshold
+            weight = jnp.where(keep, weight, 0.0)
+            delta = {k: jnp.where(keep, d, jnp.zeros_like(d)) for k, d in delta.items()}
+            dropped = real * (1.0 - keep.astype(jnp.float32))
+        num, den = aggregation.weighted_sums(delta, mask, weight)
+        # train/loss stays over every real client: a dropped client still trained on its data.
         stats = {
             "loss_num": res.num_examples * res.loss,
             "examples": res.num_examples,
             "steps": res.num_steps,
             "clients": real,
+            "dropped": dropped,
+            "variance_sum": real * res.variance,
         }
         trainers = {k: real * m for k, m in mask.items()}
         if eval_batches is not None:
@@ -279,10 +314,10 @@ def _server_contrib(spec: RoundSpec):
 
 
 def _server_step(spec: RoundSpec, p, opt_state, num, den):
+    """One per-iteration step; a leaf no active client trained (``den == 0``) was not estimated
+    this step, so its weights and its optimizer state stay as they are."""
     grad = aggregation.finalize(num, den)
-    updates, new_state = spec.client_optimizer.update(grad, opt_state, p)
-    new_p = {k: p[k] + jnp.where(den[k] > 0, updates[k], 0.0).astype(p[k].dtype) for k in p}
-    return new_p, new_state
+    return leafwise_step(spec.client_optimizer, grad, opt_state, p, {k: den[k] > 0 for k in p})
 
 
 def _per_iteration_program(spec: RoundSpec, axis: str | None) -> Callable[..., tuple]:
@@ -318,7 +353,7 @@ def _per_iteration_program(spec: RoundSpec, axis: str | None) -> Callable[..., t
         stats0 = {"loss_num": zero, "examples": zero, "steps": zero, "active_sq": zero}
         num_steps = step_mask.shape[1]
         xs = (steps_first, jnp.swapaxes(step_mask, 0, 1), jnp.arange(num_steps))
-        init = (params, spec.client_optimizer.init(params), stats0)
+        init = (params, init_leaf_states(spec.client_optimizer, params), stats0)
         (p_final, _, stats), _ = jax.lax.scan(step, init, xs)
         real = (jnp.sum(step_mask, axis=1) > 0).astype(jnp.float32)
         trainers = {k: jnp.sum(real * m) for k, m in masks.items()}
@@ -345,7 +380,7 @@ def _per_iteration_loop(spec: RoundSpec) -> Callable[..., tuple]:
     def body(params, frozen, masks, batches, step_mask, keys, eval_batches, context):
         del context
         p = params
-        opt_state = spec.client_optimizer.init(params)
+        opt_state = init_leaf_states(spec.client_optimizer, params)
         stats = {"loss_num": 0.0, "examples": 0.0, "steps": 0.0, "active_sq": 0.0}
         for s in range(step_mask.shape[1]):
             num = den = None
@@ -402,7 +437,10 @@ def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str,
     ``client_batches`` holds the per-example leaves ``[num_slots, steps, batch, ...]`` and
     ``step_mask`` ``[num_slots, steps]``. ``key`` defaults to ``fold_in(state.rng, state.round)``.
     ``metrics`` has ``train/loss`` (example-weighted), ``train/examples``, ``train/steps``,
-    ``train/clients`` and ``trainers`` (per leaf: how many clients trained it, for byte counts).
+    ``train/clients`` and ``trainers`` (per leaf: how many clients trained it, for byte counts);
+    per-epoch rounds also have ``train/dropped_clients`` (real clients the variance filter left
+    out, 0 when it is off) and, with the filter on, ``train/client_variance`` (the mean
+    reported variance over the real clients).
     With ``eval_batches`` (``[num_slots, steps, batch, ...]``, the sampled clients' local test
     splits) it also has ``eval`` = ``{"generalized": sums, "personalized": sums}``.
     """
@@ -460,6 +498,12 @@ def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str,
             "train/clients": stats["clients"],
             "trainers": trainers,
         }
+        if "dropped" in stats:
+            metrics["train/dropped_clients"] = stats["dropped"]
+        if spec.client_var_threshold > 0:
+            metrics["train/client_variance"] = stats["variance_sum"] / jnp.maximum(
+                stats["clients"], 1.0
+            )
         if "active_sq" in stats:
             metrics["active_sq"] = stats["active_sq"]
         if "eval" in stats:

@@ -123,9 +123,9 @@ def relative_variance(ds: Array, directions: Trainable) -> Array:
 
 
 def fwdllm(
-    num_candidates: int = 10,
-    num_perturbations: int = 2,
-    eps: float = 1e-3,
+    num_candidates: int = 200,
+    num_perturbations: int = 20,
+    eps: float = 1e-2,
     var_threshold: float = 0.0,
 ) -> Estimator:
     """FwdLLM+: finite-difference forward gradient along guided directions.
@@ -137,16 +137,27 @@ def fwdllm(
     correlated with the guide, so the estimate is biased toward it (FwdLLM's intent); it is
     not an unbiased estimate of the smoothed gradient.
 
-    Variance filter: when ``var_threshold > 0`` the step's estimate is dropped (zero gradient)
-    if its :func:`relative_variance` exceeds ``var_threshold``. That ratio is the fraction of
+    Release settings (REFERENCE.md §5) are the defaults: K = 20, h = 1e-2, and a pool ten times
+    K -- the release draws ``10 * v_num`` candidates and keeps the ``v_num`` most similar. Two
+    departures from the release, both deliberate: it selects by signed cosine per tensor and
+    reuses one direction for all K perturbations of a step (so its K are identical); here the
+    cosine is over all masked leaves at once, unsigned (``d(z) z`` is even in ``z``), and the K
+    directions of a step are distinct.
+
+    The published variance filter drops whole *clients* on the server
+    (``zo.fwdllm_client_var_threshold``; :func:`spry_jax.core.client.split_half_variance`,
+    applied in :mod:`spry_jax.core.round`). This estimator's own ``var_threshold`` is an
+    optional *step* filter, off by default: when ``> 0`` a step whose
+    :func:`relative_variance` exceeds it is marked not estimated (``Estimate.estimated``), so
+    the step changes neither weights nor optimizer state. That ratio is the fraction of
     ``||g||^2`` explained by sampling noise (about ``(n/K) / (1 + n/K)`` for n unguided
-    dimensions), so thresholds in (0, 1) fire; 0 disables the filter.
+    dimensions), so thresholds in (0, 1) fire.
 
     Args:
       num_candidates: directions drawn per step (``zo.fwdllm_num_candidates``).
       num_perturbations: K directions used (``zo.fwdllm_num_perturbations``).
-      eps: finite-difference scale (``zo.fwdllm_eps``).
-      var_threshold: the filter's threshold (``zo.fwdllm_var_threshold``).
+      eps: finite-difference scale h (``zo.fwdllm_eps``).
+      var_threshold: the step filter's threshold (``zo.fwdllm_var_threshold``; 0 = off).
     """
     if num_perturbations < 1:
         raise ValueError(f"zo.fwdllm_num_perturbations must be >= 1, got {num_perturbations}")
@@ -180,10 +191,12 @@ def fwdllm(
         directions = {k: v[idx] for k, v in candidates.items()}
         ds, losses = jax.lax.map(lambda z: central_difference(f, params, z, eps), directions)
         grad = contract(ds, directions)
+        estimated = None
         if var_threshold > 0:
             keep = relative_variance(ds, directions) <= var_threshold
             grad = {k: jnp.where(keep, v, jnp.zeros_like(v)) for k, v in grad.items()}
-        return Estimate(jnp.mean(losses), grad, ds)
+            estimated = dict.fromkeys(grad, keep)
+        return Estimate(jnp.mean(losses), grad, ds, estimated)
 
     estimate.extra_inputs = ("guide",)
     return estimate

@@ -11,6 +11,7 @@ from spry_jax.core import estimators as E
 from spry_jax.core import round as R
 from spry_jax.core import server as S
 from spry_jax.core import units as U
+from spry_jax.core import zero_order as Z
 from tests.core.toy import make_toy_batches, make_toy_model
 
 M, SLOTS, STEPS, BATCH = 5, 8, 3, 4
@@ -209,3 +210,117 @@ def test_bad_specs_are_rejected():
         _spec(model, "shard_map", slots=5)
     with pytest.raises(ValueError, match="backend"):
         _spec(model, "pmap")
+
+
+# --------------------------------------------------------------------------------------------
+# FwdLLM+'s server-side client filter
+# --------------------------------------------------------------------------------------------
+
+
+def _filter_spec(model, backend="vmap", threshold=0.0):
+    base = _spec(model, backend, estimator=Z.fwdllm(6, 3, 1e-2), split=False, server="fedavg")
+    return R.RoundSpec(**{**base.__dict__, "client_var_threshold": threshold})
+
+
+def _client_results(spec, model, batches):
+    """Every slot's client update run by hand, with the round's masks and keys."""
+    state = R.init_server_state(model.trainable, spec.server_optimizer, seed=0)
+    masks, keys = R._masks_and_keys(spec, jax.random.fold_in(state.rng, state.round))
+    update = jax.jit(
+        C.make_client_update(
+            spec.loss_fn, spec.estimator, spec.client_optimizer, report_variance=True
+        )
+    )
+    context = {"round": state.round, "guide": state.last_delta}
+    out = []
+    for c in range(SLOTS):
+        mask_c = {k: masks[k][c] for k in masks}
+        batch_c = {k: v[c] for k, v in batches.items() if k != "step_mask"}
+        res = update(
+            model.trainable,
+            model.frozen,
+            mask_c,
+            batch_c,
+            batches["step_mask"][c],
+            keys[c],
+            context,
+        )
+        out.append((mask_c, res))
+    return out
+
+
+def test_clients_at_or_above_the_variance_threshold_are_left_out_of_the_aggregate():
+    model = make_toy_model()
+    batches = _batches()
+    results = _client_results(_filter_spec(model), model, batches)
+    variances = np.array([float(r.variance) for _, r in results[:M]])
+    assert np.all(variances > 0) and len(set(variances)) == M
+    # Drop the two noisiest real clients: the threshold sits between the 3rd and 4th variance.
+    threshold = float(np.mean(np.sort(variances)[2:4]))
+    kept = [c for c in range(SLOTS) if c >= M or variances[c] < threshold]
+    num = {k: np.zeros(v.shape) for k, v in model.trainable.items()}
+    den = dict.fromkeys(model.trainable, 0.0)
+    for c in kept:
+        mask_c, res = results[c]
+        for k in num:
+            num[k] += float(res.num_examples) * float(mask_c[k]) * np.asarray(res.delta[k])
+            den[k] += float(res.num_examples) * float(mask_c[k])
+
+    state, metrics = _run(_filter_spec(model, "vmap", threshold), model, batches, rounds=1)
+    assert float(metrics["train/dropped_clients"]) == 2
+    assert float(metrics["train/clients"]) == M
+    np.testing.assert_allclose(metrics["train/client_variance"], variances.mean(), rtol=1e-5)
+    for k in model.order:
+        expected = np.asarray(model.trainable[k]) + num[k] / den[k]
+        np.testing.assert_allclose(state.params[k], expected, atol=2e-6, err_msg=k)
+
+    # Above every client's variance nothing is dropped: every client's update is averaged in.
+    high, m_high = _run(_filter_spec(model, threshold=2 * variances.max()), model, batches, 1)
+    assert float(m_high["train/dropped_clients"]) == 0
+    for k in model.order:
+        n = sum(float(r.num_examples) * float(m[k]) * np.asarray(r.delta[k]) for m, r in results)
+        d = sum(float(r.num_examples) * float(m[k]) for m, r in results)
+        np.testing.assert_allclose(high.params[k], model.trainable[k] + n / d, atol=2e-6)
+
+
+# Each backend compiles its own FwdLLM+ round program (~25 s each on a shared 2-core machine).
+@pytest.mark.slow
+def test_client_filter_gives_the_same_numbers_in_every_backend():
+    model = make_toy_model()
+    batches = _batches()
+    variances = sorted(
+        float(r.variance) for _, r in _client_results(_filter_spec(model), model, batches)[:M]
+    )
+    threshold = float(np.mean(variances[2:4]))
+    ref, _ = _run(_filter_spec(model, "vmap", threshold), model, batches, rounds=1)
+    for backend in ("shard_map", "loop", "debug"):
+        state, metrics = _run(_filter_spec(model, backend, threshold), model, batches, rounds=1)
+        assert float(metrics["train/dropped_clients"]) == 2, backend
+        for k in model.order:
+            np.testing.assert_allclose(
+                state.params[k], ref.params[k], atol=1e-6, err_msg=f"{backend} {k}"
+            )
+
+
+def test_client_filter_is_per_epoch_only():
+    model = make_toy_model()
+    with pytest.raises(ValueError, match="per_epoch"):
+        R.RoundSpec(**{**_spec(model, mode="per_iteration").__dict__, "client_var_threshold": 1.0})
+    with pytest.raises(ValueError, match="client_var_threshold"):
+        R.RoundSpec(**{**_spec(model).__dict__, "client_var_threshold": -1.0})
+
+
+def test_per_iteration_server_step_leaves_an_untrained_leaf_and_its_state_alone():
+    model = make_toy_model()
+    spec = _spec(model, mode="per_iteration")
+    p = model.trainable
+    states = C.init_leaf_states(spec.client_optimizer, p)
+    num = {k: jnp.ones_like(v) for k, v in p.items()}
+    den = {k: jnp.float32(k != "l1/lora_a") for k in p}  # nobody trained l1/lora_a this step
+    for _ in range(2):
+        p, states = R._server_step(spec, p, states, num, den)
+    np.testing.assert_array_equal(p["l1/lora_a"], model.trainable["l1/lora_a"])
+    fresh = spec.client_optimizer.init(model.trainable["l1/lora_a"])
+    for a, b in zip(jax.tree.leaves(states["l1/lora_a"]), jax.tree.leaves(fresh), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(p["l0/lora_a"], model.trainable["l0/lora_a"])
