@@ -331,7 +331,13 @@ def run_study(
     tune_done = [is_finished(cell_status(c, root)) for c in tune]
     total = (len(tune) if runs_tune else 0) + (num_final_cells(study) if runs_final else 0)
     counted = sum(tune_done) if runs_tune else 0
-    bar = tqdm(total=total, initial=counted, unit="cell", desc=study.name, disable=not progress)
+    bar = tqdm(
+        total=total,
+        initial=counted,
+        unit="cell",
+        desc=study.name,
+        disable=not progress or not total,
+    )
     try:
         if runs_tune:
             run_cells(tune, root, bar, on_cell_done)

@@ -187,8 +187,11 @@ def check_study(study: Study, default_name: str = "study") -> Study:
         claims.append(claim)
     pairs = []
     for pair in study.pairs:
-        if len(pair) != 2 or pair[0] not in arms or pair[1] not in arms:
-            raise StudyError(f"pair {pair!r}: needs two arm names of {sorted(arms)}")
+        if len(pair) != 2:
+            raise StudyError(f"pair {pair!r}: needs two arm names")
+        unknown = [a for a in pair if a not in arms]
+        if unknown:
+            raise StudyError(f"pair {pair!r}: unknown arm {unknown[0]!r} (arms: {sorted(arms)})")
         pairs.append((pair[0], pair[1]))
     for field in ("tune_seeds", "seeds"):
         seeds = list(getattr(study, field))
