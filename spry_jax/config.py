@@ -31,6 +31,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.alpha = 1.0  # Dirichlet concentration (0.1 = very heterogeneous)
     c.data.max_length = 64  # tokens per example (384 for QA)
     c.data.test_fraction = 0.2  # each client's local test split
+    c.data.val_fraction = 0.0  # share of each client's local train split held out to validate
     c.data.max_examples = 0  # 0 = all; else a deterministic subsample (CPU runs)
     c.data.qa_stride = 128  # QA: overlap of the sliding window over long contexts
     c.data.path = ""  # local file/directory for csv/jsonl/parquet/squad_json or a hub copy
@@ -224,6 +225,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"split.tensors_per_unit must be >= 1, got {config.split.tensors_per_unit}"
         )
+    val_fraction = config.data.get("val_fraction", 0.0)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     # Method/comm-mode compatibility and optimizer names are checked by building the parts.
     methods.build_round_parts(config)
     from spry_jax import data

@@ -5,13 +5,12 @@ variant after a colon (``--config=experiments/quickstart.py:local``). Rerunning 
 resumes from the last checkpoint in ``DIR``.
 """
 
-import logging as logging_std
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from spry_jax import train
+from spry_jax.reporting import QuietLibraries
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -23,15 +22,8 @@ _MULTIHOST = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(logging_std.Filter):
-    """Drops orbax's per-save INFO chatter so the round lines stay readable."""
-
-    def filter(self, record: logging_std.LogRecord) -> bool:
-        return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.get_absl_handler().addFilter(QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _MULTIHOST.value:

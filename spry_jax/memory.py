@@ -1,7 +1,8 @@
-"""XLA's memory estimate of one client step (DESIGN.md, "Measuring memory").
+"""XLA's memory and FLOP estimates of one client step (DESIGN.md, "Measuring memory").
 
 peak = arguments + temporaries + outputs - aliased, from ``compile().memory_analysis()`` (the
-CPU ``peak_memory_in_bytes`` leaves temporaries out). Lowered from shapes only.
+CPU ``peak_memory_in_bytes`` leaves temporaries out); FLOPs from ``compile().cost_analysis()``.
+Lowered from shapes only.
 """
 
 from __future__ import annotations
@@ -30,11 +31,18 @@ def peak_bytes(compiled: Any) -> dict[str, int]:
     return out
 
 
-def client_step_memory(
-    spec: Any, params: Trainable, frozen: PyTree, batch: Batch
-) -> dict[str, int]:
-    """XLA memory estimate of one local step of the round's own client program
-    (:func:`spry_jax.core.client.make_client_update` with one step) on ``batch`` (``[B, ...]``)."""
+def flops(compiled: Any) -> float:
+    """XLA's FLOP count of a compiled executable (``cost_analysis()['flops']``)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def compile_client_step(spec: Any, params: Trainable, frozen: PyTree, batch: Batch) -> Any:
+    """Compiles one local step of the round's own client program
+    (:func:`spry_jax.core.client.make_client_update` with one step) on ``batch`` (``[B, ...]``),
+    every unit trained (the mask is all ones)."""
     update = make_client_update(
         spec.loss_fn,
         spec.estimator,
@@ -48,9 +56,18 @@ def client_step_memory(
 
     shape = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), t)  # noqa: E731
     steps = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *jnp.shape(x)), x.dtype), batch)
-    compiled = (
+    return (
         jax.jit(one_step)
         .lower(shape(params), shape(frozen), steps, jax.random.PRNGKey(0))
         .compile()
     )
-    return peak_bytes(compiled)
+
+
+def client_step_memory(
+    spec: Any, params: Trainable, frozen: PyTree, batch: Batch
+) -> dict[str, int | float]:
+    """XLA memory estimate (:func:`peak_bytes`) of one local step of the round's client program
+    on ``batch``, plus ``flops``: XLA's FLOP count of that step (:func:`flops`), from the same
+    compilation, so a run's client compute is this times the local steps it took."""
+    compiled = compile_client_step(spec, params, frozen, batch)
+    return {**peak_bytes(compiled), "flops": flops(compiled)}

@@ -29,6 +29,7 @@ def brief(record: dict[str, Any]) -> str:
         "eval/generalized_f1",
         "eval/all_clients_accuracy",
         "eval/all_clients_f1",
+        "eval/all_clients_val_accuracy",
         "time/round_s",
     )
     return " ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -9,6 +10,13 @@ from typing import Any
 import numpy as np
 
 SCALAR_PREFIXES = ("train/", "eval/", "comm/", "time/", "memory/")
+
+
+class QuietLibraries(logging.Filter):
+    """Drops orbax's per-save INFO chatter so the round lines stay readable."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "orbax" not in record.pathname
 
 
 class TensorBoard:

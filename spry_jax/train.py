@@ -216,23 +216,31 @@ def _eval_record(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def evaluate_all_clients(exp: Experiment, params: Any, frozen: Any) -> dict[str, float]:
-    """The global model on the union of every client's local test split (``eval/all_clients_*``).
+def evaluate_all_clients(
+    exp: Experiment, params: Any, frozen: Any, split: str = "test"
+) -> dict[str, float]:
+    """The global model on the union of every client's local test split (``eval/all_clients_*``),
+    or with ``split="val"`` of every client's validation split (``eval/all_clients_val_*``).
 
     The per-round generalized figure averages only the round's sampled clients (a few hundred
     examples with that sample's label mix under a Dirichlet split); this is the fixed, full test
-    set, so runs and methods can be compared without that sampling noise.
+    set, so runs and methods can be compared without that sampling noise. The validation figure
+    is what a study chooses hyper-parameters on, so that choice never sees the test split.
     """
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    prefix = "eval/all_clients_" if split == "test" else "eval/all_clients_val_"
+    data = getattr(exp.fed, split)
     clients = np.arange(exp.config.num_clients)
     if exp.fed.task == "qa":
-        out = evaluate_qa(exp, params, frozen, clients)
+        out = evaluate_qa(exp, params, frozen, clients, split=split)
         return {
-            "eval/all_clients_exact_match": out["eval/generalized_exact_match"],
-            "eval/all_clients_f1": out["eval/generalized_f1"],
-            "eval/all_clients_examples": out["eval/examples"],
+            f"{prefix}exact_match": out["eval/generalized_exact_match"],
+            f"{prefix}f1": out["eval/generalized_f1"],
+            f"{prefix}examples": out["eval/examples"],
         }
     eval_fn = tasks.make_eval_fn(exp.model)
-    union = {k: np.concatenate([exp.fed.test[c][k] for c in clients]) for k in exp.fed.test[0]}
+    union = {k: np.concatenate([data[c][k] for c in clients]) for k in data[0]}
     packed = data_lib.pack_eval([union], batch_size=exp.config.eval_batch_size)
     keys = ("input_ids", "attention_mask", "labels", "example_mask")
     sums = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
@@ -242,21 +250,24 @@ def evaluate_all_clients(exp: Experiment, params: Any, frozen: Any) -> dict[str,
             sums[k] += float(v)
     count = max(sums["count"], 1.0)
     return {
-        "eval/all_clients_accuracy": sums["correct"] / count,
-        "eval/all_clients_loss": sums["loss_sum"] / count,
-        "eval/all_clients_examples": sums["count"],
+        f"{prefix}accuracy": sums["correct"] / count,
+        f"{prefix}loss": sums["loss_sum"] / count,
+        f"{prefix}examples": sums["count"],
     }
 
 
-def evaluate_qa(exp: Experiment, params: Any, frozen: Any, clients: np.ndarray) -> dict[str, float]:
-    """SQuAD v2 exact match / F1 (percent) of ``params`` on the clients' local test features,
-    with the standard n-best post-processing (host side)."""
+def evaluate_qa(
+    exp: Experiment, params: Any, frozen: Any, clients: np.ndarray, split: str = "test"
+) -> dict[str, float]:
+    """SQuAD v2 exact match / F1 (percent) of ``params`` on the clients' local test (or
+    ``split="val"``: validation) features, with the standard n-best post-processing (host
+    side)."""
     apply = jax.jit(lambda p, ids, m: exp.model.apply_fn(p, frozen, ids, m, None))
     bs = exp.config.eval_batch_size
     ds = exp.fed.dataset
     preds: dict[int, str] = {}
     for c in clients:
-        t = exp.fed.test[c]
+        t = getattr(exp.fed, split)[c]
         n = len(t["input_ids"])
         if n == 0:
             continue
@@ -281,8 +292,9 @@ def evaluate_qa(exp: Experiment, params: Any, frozen: Any, clients: np.ndarray) 
     }
 
 
-def client_step_memory(exp: Experiment) -> dict[str, int]:
-    """XLA memory estimate of one client step of this experiment (one batch)."""
+def client_step_memory(exp: Experiment) -> dict[str, int | float]:
+    """XLA memory estimate and FLOP count (``flops``) of one client step of this experiment
+    (one batch); see :func:`spry_jax.memory.client_step_memory`."""
     b = exp.config.client.batch_size
     first = exp.fed.train[0]
     batch = {k: jnp.asarray(np.resize(v, (b, *v.shape[1:]))) for k, v in first.items()}
@@ -358,6 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "round": r,
             "train/loss": loss,
             "train/examples": float(m["train/examples"]),
+            "train/steps": float(m["train/steps"]),  # real local steps, all clients together
             "train/examples_per_s": float(m["train/examples"]) / max(seconds, 1e-9),
             "time/round_s": seconds,
             "time/wall_s": time.time() - wall0,
@@ -388,6 +401,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         final.update(whole)
         board.write({"round": config.rounds - 1, **whole})
         logging.info("after round %d: %s", config.rounds - 1, metrics_lib.brief(whole))
+    if config.data.get("val_fraction", 0.0) > 0 and config.rounds > 0:
+        val = evaluate_all_clients(exp, state.params, frozen, split="val")
+        final.update(val)
+        board.write({"round": config.rounds - 1, **val})
+        logging.info("after round %d: %s", config.rounds - 1, metrics_lib.brief(val))
     board.close()
     progress.close()
     if log.records:

@@ -1,8 +1,9 @@
 """From a data config to tokenized per-client train/test arrays.
 
 load (registry) -> tokenize once, cached -> partition over all clients -> per-client 80/20
-local train/test split. The round program then packs the sampled clients with
-:func:`spry_jax.data.packing.pack_clients`.
+local train/test split -> (optionally) a validation split held out of each client's local train
+part, for choosing hyper-parameters without looking at test. The round program then packs the
+sampled clients with :func:`spry_jax.data.packing.pack_clients`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class FederatedData:
       client_examples: per client, the dataset indices of its (train, test) examples.
       dataset: the loaded dataset (QA post-processing reads contexts and answers from it).
       heldout: tokenized held-out examples when ``data.heldout`` is set, else None.
+      val: per client, the validation arrays held out of its local train split
+        (``data.val_fraction``; zero rows when it is 0).
+      val_examples: per client, the dataset indices of its validation examples.
     """
 
     task: str
@@ -48,6 +52,8 @@ class FederatedData:
     client_examples: list[tuple[np.ndarray, np.ndarray]]
     dataset: TextDataset
     heldout: dict[str, np.ndarray] | None = None
+    val: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
+    val_examples: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     @property
     def num_clients(self) -> int:
@@ -60,6 +66,31 @@ class FederatedData:
     def num_test_examples(self, client: int) -> int:
         """Local test examples (QA: features) of ``client``."""
         return int(len(self.test[client]["labels"]))
+
+    def num_val_examples(self, client: int) -> int:
+        """Local validation examples (QA: features) of ``client``."""
+        return int(len(self.val[client]["labels"]))
+
+
+def validation_split(
+    train: np.ndarray, val_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Moves ``floor(val_fraction * n)`` of one client's ``n`` local train examples to a
+    validation split.
+
+    The train part keeps its order (so with nothing moved it is exactly the input), and rounding
+    down leaves every client at least one train example.
+
+    Returns:
+      (train, val) index arrays, disjoint, their union the input.
+    """
+    train = np.asarray(train, dtype=np.int64)
+    n_val = int(np.floor(len(train) * val_fraction + 1e-9))
+    if n_val == 0:
+        return train, train[:0]
+    moved = np.zeros(len(train), dtype=bool)
+    moved[rng.permutation(len(train))[:n_val]] = True
+    return train[~moved], train[moved]
 
 
 def _tokenize_all(
@@ -114,6 +145,8 @@ def make_federated_data(
     Args:
       data_cfg: ``name``, ``partition`` ("dirichlet" | "natural" | "iid"; default dirichlet,
         natural for SQuAD), ``alpha``, ``max_length``, ``test_fraction`` (0.2),
+        ``val_fraction`` (0.0: the share of each client's local train split moved to its
+        validation split, :func:`validation_split`),
         ``max_examples`` (0 = all), ``heldout`` (False: pool everything, as the paper does;
         True: keep the official test split, or a ``heldout_fraction`` hash split, out of the
         clients and return it as ``FederatedData.heldout``), QA: ``qa_stride`` (128); plus the
@@ -147,11 +180,24 @@ def make_federated_data(
         alpha=alpha,
         seed=seed,
     )
+    val_fraction = float(cfg_get(data_cfg, "val_fraction", 0.0))
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     split_rng = np.random.default_rng([seed, 0x5EED])
+    # A stream of its own, so the train/test split is the same with or without validation.
+    val_rng = np.random.default_rng([seed, 0x7A1])
     client_examples = []
+    val_examples = []
     for c, local in enumerate(parts):
         tr, te = part_lib.train_test_split(pool[local], test_fraction, split_rng, client=c)
+        tr, va = validation_split(tr, val_fraction, val_rng)
         client_examples.append((tr, te))
+        val_examples.append(va)
+    if val_fraction > 0 and not any(len(v) for v in val_examples):
+        raise DataError(
+            f"data.val_fraction={val_fraction} leaves every client's validation split empty "
+            "(clients are too small); raise it or use fewer clients"
+        )
     row_of = None
     if ds.task == "qa":
         order = np.argsort(arrays["example_index"], kind="stable")
@@ -159,6 +205,7 @@ def make_federated_data(
         row_of = [order[bounds[i] : bounds[i + 1]] for i in range(len(ds))]
     train = [_rows(arrays, tr, ds.task, row_of) for tr, _ in client_examples]
     test = [_rows(arrays, te, ds.task, row_of) for _, te in client_examples]
+    val = [_rows(arrays, va, ds.task, row_of) for va in val_examples]
     heldout = None
     if use_heldout:
         held = np.flatnonzero(ds.heldout) if ds.heldout is not None else np.arange(0)
@@ -175,6 +222,8 @@ def make_federated_data(
         "heldout": use_heldout,
         "seed": seed,
     }
+    if val_fraction > 0:  # only then, so runs without validation keep their fingerprint
+        fp["val_fraction"] = val_fraction
     return FederatedData(
         task=ds.task,
         num_labels=ds.num_labels,
@@ -185,4 +234,6 @@ def make_federated_data(
         client_examples=client_examples,
         dataset=ds,
         heldout=heldout,
+        val=val,
+        val_examples=val_examples,
     )

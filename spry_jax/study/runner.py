@@ -1,0 +1,355 @@
+"""The cells of a study, their state on disk, the validation-only selection, and running them.
+
+Layout under the study directory ``DIR``::
+
+    tune/<arm>/<point>/seed<k>/   one ordinary run per (arm, grid point, tune seed)
+    final/<arm>/seed<k>/          the chosen point of each arm, per final seed (unless that run
+                                  is a tuning run already, see :class:`spry_jax.study.Study`)
+
+A cell is finished when its ``summary.json`` exists (or ``failed.json``: the run stopped on
+non-finite values, which a rerun would repeat bit for bit) and its ``config.json`` equals the
+cell's resolved config; an unfinished cell resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from spry_jax import metrics as metrics_lib
+from spry_jax.study.spec import (
+    Point,
+    Study,
+    StudyError,
+    base_config,
+    cell_config,
+    config_json,
+    grid_points,
+)
+
+# The only figures the selection reads: the final global model on every client's validation
+# split. Nothing from the test split is in this list, and selection sees nothing else.
+VALIDATION_KEYS = ("eval/all_clients_val_accuracy", "eval/all_clients_val_loss")
+
+DONE, FAILED, PARTIAL, NEW = "done", "failed", "partial", "new"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One ordinary run of a study.
+
+    Attributes:
+      stage: "tune" or "final".
+      arm, point, seed: what it runs.
+      workdir: its directory, relative to the study directory.
+      config: its resolved config.
+    """
+
+    stage: str
+    arm: str
+    point: Point
+    seed: int
+    workdir: str
+    config: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
+
+    @property
+    def label(self) -> str:
+        return self.workdir
+
+
+def tune_cells(study: Study) -> list[Cell]:
+    """Every (arm, grid point, tune seed), arms and points in declaration order."""
+    base = base_config(study)
+    cells = []
+    for arm in study.arms:
+        for point in grid_points(study, arm):
+            for seed in study.tune_seeds:
+                cfg = cell_config(study, arm, point, seed, "tune", base=base)
+                workdir = os.path.join("tune", arm, point.name, f"seed{seed}")
+                cells.append(Cell("tune", arm, point, seed, workdir, cfg))
+    return cells
+
+
+def final_runs(study: Study, chosen: Mapping[str, Point]) -> dict[str, list[Cell]]:
+    """Per arm, the final run of each seed: a tuning cell when its config is the same (same
+    seed and rounds: the run would be bit-identical), else a cell under ``final/``."""
+    base = base_config(study)
+    tune = {(c.arm, c.point.name, c.seed): c for c in tune_cells(study)}
+    out: dict[str, list[Cell]] = {}
+    for arm, point in chosen.items():
+        runs = []
+        for seed in study.seeds:
+            cfg = cell_config(study, arm, point, seed, "final", base=base)
+            same = tune.get((arm, point.name, seed))
+            if same is not None and config_json(same.config) == config_json(cfg):
+                runs.append(same)
+            else:
+                runs.append(
+                    Cell("final", arm, point, seed, os.path.join("final", arm, f"seed{seed}"), cfg)
+                )
+        out[arm] = runs
+    return out
+
+
+def final_cells(study: Study, chosen: Mapping[str, Point]) -> list[Cell]:
+    """The final runs that are not tuning runs (what the final stage has to run)."""
+    return [c for runs in final_runs(study, chosen).values() for c in runs if c.stage == "final"]
+
+
+def num_final_cells(study: Study) -> int:
+    """How many final cells there will be, before the selection is known (reuse depends only on
+    the seed and the rounds, not on which point is chosen)."""
+    first = {arm: grid_points(study, arm)[0] for arm in study.arms}
+    return len(final_cells(study, first))
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def cell_status(cell: Cell, root: str) -> str:
+    """ "done", "failed" (finished without a summary, see the module docstring), "partial"
+    (started: it resumes from its checkpoint) or "new".
+
+    Raises:
+      StudyError: the cell's directory holds a run of a different config (the study file
+        changed since): it is neither skipped nor overwritten.
+    """
+    path = os.path.join(root, cell.workdir)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        return NEW
+    with open(cfg_path) as f:
+        found = _flat(json.load(f))
+    want = _flat(config_json(cell.config))
+    diffs = sorted(k for k in set(found) | set(want) if found.get(k) != want.get(k))
+    if diffs:
+        detail = ", ".join(f"{k}: {found.get(k)!r} there, {want.get(k)!r} now" for k in diffs[:3])
+        raise StudyError(
+            f"{path} holds a run of a different config ({detail}); the study changed since it "
+            "ran: delete that directory or use a new --workdir"
+        )
+    if os.path.exists(os.path.join(path, "summary.json")):
+        return DONE
+    if os.path.exists(os.path.join(path, "failed.json")):
+        return FAILED
+    return PARTIAL
+
+
+def is_finished(status: str) -> bool:
+    return status in (DONE, FAILED)
+
+
+def read_summary(path: str) -> dict[str, Any]:
+    """A run's ``summary.json`` (``failed.json`` for a run that stopped, as ``{"failed": msg}``)."""
+    summary = os.path.join(path, "summary.json")
+    if os.path.exists(summary):
+        with open(summary) as f:
+            return json.load(f)
+    with open(os.path.join(path, "failed.json")) as f:
+        return {"failed": json.load(f)["error"]}
+
+
+def validation_view(summary: Mapping[str, Any]) -> dict[str, float] | None:
+    """The figures of a run that selection may read: :data:`VALIDATION_KEYS` of its final
+    record, or None for a failed run. Reads no other key of the summary."""
+    if "failed" in summary:
+        return None
+    final = summary["final"]
+    missing = [k for k in VALIDATION_KEYS if k not in final]
+    if missing:
+        raise StudyError(f"a tuning run has no {missing[0]} (was data.val_fraction 0?)")
+    return {k: float(final[k]) for k in VALIDATION_KEYS}
+
+
+def point_score(views: Sequence[dict[str, float] | None]) -> dict[str, float] | None:
+    """Mean validation accuracy and loss over a point's tune seeds; None if any seed failed
+    (a setting that diverges for some seed is not chosen)."""
+    if not views or any(v is None for v in views):
+        return None
+    return {k: sum(v[k] for v in views) / len(views) for k in VALIDATION_KEYS}
+
+
+def choose_point(scores: Mapping[str, dict[str, float] | None]) -> str | None:
+    """The best point by mean validation accuracy; ties by lower validation loss, then the
+    first declared. None if every point failed."""
+    best, best_key = None, None
+    for i, (name, score) in enumerate(scores.items()):
+        if score is None:
+            continue
+        acc, loss = score[VALIDATION_KEYS[0]], score[VALIDATION_KEYS[1]]
+        key = (acc, -loss if math.isfinite(loss) else -math.inf, -i)
+        if best_key is None or key > best_key:
+            best, best_key = name, key
+    return best
+
+
+def tuning_scores(study: Study, root: str) -> dict[str, dict[str, Any]]:
+    """Per arm and point: the validation view of each tune seed and their mean, read through
+    :func:`validation_view` only.
+
+    Raises:
+      StudyError: a tuning cell is not finished.
+    """
+    out: dict[str, dict[str, Any]] = {arm: {} for arm in study.arms}
+    cells = tune_cells(study)
+    pending = [c for c in cells if not is_finished(cell_status(c, root))]
+    if pending:
+        raise StudyError(
+            f"the tune stage has {len(pending)} unfinished cell(s) (first: {pending[0].label}); "
+            "run --stage=tune (or all) first"
+        )
+    for c in cells:
+        entry = out[c.arm].setdefault(c.point.name, {"point": c.point, "seeds": {}})
+        entry["seeds"][c.seed] = validation_view(read_summary(os.path.join(root, c.workdir)))
+    for points in out.values():
+        for entry in points.values():
+            entry["score"] = point_score([entry["seeds"][s] for s in study.tune_seeds])
+    return out
+
+
+def select(study: Study, root: str) -> dict[str, Point]:
+    """Per arm, the grid point with the best mean validation accuracy over the tune seeds.
+
+    Raises:
+      StudyError: a tuning cell is unfinished, or every point of an arm failed.
+    """
+    chosen = {}
+    for arm, points in tuning_scores(study, root).items():
+        name = choose_point({p: e["score"] for p, e in points.items()})
+        if name is None:
+            raise StudyError(f"arm {arm!r}: every grid point diverged; lower its learning rates")
+        chosen[arm] = points[name]["point"]
+    return chosen
+
+
+def run_cell(cell: Cell, root: str) -> str:
+    """Runs (or resumes) one cell with :func:`spry_jax.train.train_and_evaluate`; returns its
+    status afterwards. A run that stops on non-finite values is recorded in ``failed.json``."""
+    from spry_jax import train  # local: JAX-heavy
+
+    path = os.path.join(root, cell.workdir)
+    try:
+        train.train_and_evaluate(cell.config, path)
+    except FloatingPointError as e:
+        logging.warning("%s stopped: %s", cell.label, e)
+        metrics_lib.write_json_atomic(os.path.join(path, "failed.json"), {"error": str(e)})
+        return FAILED
+    return DONE
+
+
+def run_cells(
+    cells: Sequence[Cell],
+    root: str,
+    bar: Any = None,
+    on_done: Callable[[Cell], None] | None = None,
+) -> list[Cell]:
+    """Runs the unfinished cells in order (finished ones are skipped); returns those it ran."""
+    ran = []
+    for cell in cells:
+        status = cell_status(cell, root)
+        if is_finished(status):
+            continue
+        if bar is not None:
+            bar.set_postfix_str(cell.label, refresh=True)
+        logging.info("study cell %s: %s", cell.label, "resuming" if status == PARTIAL else "new")
+        run_cell(cell, root)
+        ran.append(cell)
+        if on_done is not None:
+            on_done(cell)
+        if bar is not None:
+            bar.update(1)
+    return ran
+
+
+def stage_cells(study: Study, root: str, stage: str) -> list[Cell]:
+    """The cells of a stage, in the order ``--cell_index`` counts them: "tune", "final" (known
+    once every tuning cell is finished), or "all" (tune, then final when known)."""
+    if stage not in ("all", "tune", "final"):
+        raise StudyError(f"--cell_index and --list_cells take --stage=all|tune|final, not {stage}")
+    tune = tune_cells(study)
+    if stage == "tune":
+        return tune
+    if stage == "final" or all(is_finished(cell_status(c, root)) for c in tune):
+        finals = final_cells(study, select(study, root))
+        return finals if stage == "final" else tune + finals
+    return tune
+
+
+def run_study(
+    study: Study,
+    root: str,
+    *,
+    stage: str = "all",
+    cell_index: int | None = None,
+    progress: bool = True,
+    on_cell_done: Callable[[Cell], None] | None = None,
+    command: str = "",
+) -> dict[str, Any] | None:
+    """Runs a study in ``root``: the unfinished cells of the stage, then (stage "all" or
+    "report") writes results.json, report.md and the plots and returns the results.
+
+    Args:
+      study: a checked study (:func:`spry_jax.study.load_study`).
+      root: the study directory.
+      stage: "all" (tune, select, final, report), "tune", "final" or "report" (only the
+        outputs; every cell must be finished).
+      cell_index: run only this cell of :func:`stage_cells` (one task of a job array), no
+        outputs.
+      progress: show a tqdm bar over the cells, with ETA.
+      on_cell_done: called after each cell that ran (tests use it to interrupt a study).
+      command: the command line, printed at the top of report.md.
+    """
+    from tqdm.auto import tqdm
+
+    from spry_jax.study import report  # local: matplotlib
+
+    if stage not in ("all", "tune", "final", "report"):
+        raise StudyError(f"--stage must be all, tune, final or report, not {stage!r}")
+    os.makedirs(root, exist_ok=True)
+    if cell_index is not None:
+        cells = stage_cells(study, root, stage)
+        if not 0 <= cell_index < len(cells):
+            raise StudyError(f"--cell_index={cell_index} is outside 0..{len(cells) - 1}")
+        run_cells([cells[cell_index]], root, on_done=on_cell_done)
+        return None
+    runs_tune, runs_final = stage in ("all", "tune"), stage in ("all", "final")
+    tune = tune_cells(study)
+    tune_done = [is_finished(cell_status(c, root)) for c in tune]
+    total = (len(tune) if runs_tune else 0) + (num_final_cells(study) if runs_final else 0)
+    counted = sum(tune_done) if runs_tune else 0
+    bar = tqdm(
+        total=total,
+        initial=counted,
+        unit="cell",
+        desc=study.name,
+        disable=not progress or not total,
+    )
+    try:
+        if runs_tune:
+            run_cells(tune, root, bar, on_cell_done)
+        if stage == "tune":
+            return None
+        chosen = select(study, root)
+        finals = final_cells(study, chosen)
+        if runs_final:
+            bar.update(sum(is_finished(cell_status(c, root)) for c in finals))
+            run_cells(finals, root, bar, on_cell_done)
+    finally:
+        bar.close()
+    if stage == "final":
+        return None
+    return report.write_outputs(study, root, chosen, command)
