@@ -121,6 +121,8 @@ def main(argv):
             )
             print(f"{name:28s} {d:6d} {gs**0.5:10.3e} {snr_with:14.3e} {snr_alone:10.3e}")
     print(f"{'head':28s} {head_d:6d} {head_sq**0.5:10.3e}")
+    norms = {group_of(k, head): float(np.linalg.norm(np.asarray(params[k]))) for k in units.keys}
+    print("weight norms: " + ", ".join(f"{k} {v:.3g}" for k, v in norms.items() if k != "head"))
 
     # Empirical check of the SNR formula on the unit with the largest gradient: sampled
     # estimates (K = 1, joint with the head) against the exact gradient, one batch.
