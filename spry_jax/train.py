@@ -120,7 +120,11 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     )
     parts = methods.build_round_parts(config)
     units = units_lib.make_units(
-        model.order, config.split.tensors_per_unit, model.head_keys, config.split.classifier_share
+        model.order,
+        config.split.tensors_per_unit,
+        model.head_keys,
+        config.split.classifier_share,
+        peft_method=model.peft_method,
     )
     backend = config.round.backend
     mesh = None

@@ -49,6 +49,8 @@ class SplitModel:
         ``classifier_share``.
       task: "classification", "qa" or "causal_lm".
       num_labels: number of classes for classification.
+      peft_method: the PEFT method that chose ``trainable`` ("lora", "ia3", "bitfit" or
+        "head"); units deal its tensors by it (:func:`spry_jax.core.units.make_units`).
     """
 
     apply_fn: Callable[..., Array]
@@ -58,6 +60,7 @@ class SplitModel:
     head_keys: tuple[str, ...]
     task: str = "classification"
     num_labels: int = 2
+    peft_method: str = "lora"
 
 
 # Keys of a packed batch. Every leaf has a leading [clients, steps, batch] prefix in a round.

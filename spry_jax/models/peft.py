@@ -268,6 +268,7 @@ def split_model(model: nnx.Module, peft_cfg: PeftConfig | Mapping[str, Any]) -> 
         head_keys=tuple(k for k in order if _under(k, head)),
         task=getattr(model, "task", "classification"),
         num_labels=int(getattr(model, "num_labels", 2)),
+        peft_method=cfg.method,
     )
 
 
