@@ -55,6 +55,21 @@ def causal_lm_loss(logits: Array, batch: Batch) -> Array:
 _LOSSES = {"classification": classification_loss, "qa": qa_loss, "causal_lm": causal_lm_loss}
 
 
+def apply_batch(
+    model: SplitModel,
+    trainable: Trainable,
+    frozen: PyTree,
+    batch: Batch,
+    dropout_rng: Array | None,
+) -> Array:
+    """``model.apply_fn`` on a batch dict; segment ids are passed only when the batch has them
+    (text pairs), so single-text batches call ``apply_fn`` exactly as before."""
+    extra = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+    return model.apply_fn(
+        trainable, frozen, batch["input_ids"], batch["attention_mask"], dropout_rng, **extra
+    )
+
+
 def make_loss_fn(model: SplitModel) -> Callable[[Trainable, PyTree, Batch, Array], Array]:
     """``loss_fn(trainable, frozen, batch, dropout_rng) -> scalar`` for the model's task."""
     if model.task not in _LOSSES:
@@ -62,10 +77,7 @@ def make_loss_fn(model: SplitModel) -> Callable[[Trainable, PyTree, Batch, Array
     task_loss = _LOSSES[model.task]
 
     def loss_fn(trainable: Trainable, frozen: PyTree, batch: Batch, dropout_rng: Array) -> Array:
-        logits = model.apply_fn(
-            trainable, frozen, batch["input_ids"], batch["attention_mask"], dropout_rng
-        )
-        return task_loss(logits, batch)
+        return task_loss(apply_batch(model, trainable, frozen, batch, dropout_rng), batch)
 
     return loss_fn
 
@@ -77,10 +89,7 @@ def make_eval_fn(model: SplitModel) -> Callable[[Trainable, PyTree, Batch], dict
     """
 
     def eval_fn(trainable: Trainable, frozen: PyTree, batch: Batch) -> dict[str, Array]:
-        logits = model.apply_fn(
-            trainable, frozen, batch["input_ids"], batch["attention_mask"], None
-        )
-        logits = logits.astype(jnp.float32)
+        logits = apply_batch(model, trainable, frozen, batch, None).astype(jnp.float32)
         m = batch["example_mask"]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
         pred = jnp.argmax(logits, axis=-1)

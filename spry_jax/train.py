@@ -120,7 +120,11 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     )
     parts = methods.build_round_parts(config, model.head_keys)
     units = units_lib.make_units(
-        model.order, config.split.tensors_per_unit, model.head_keys, config.split.classifier_share
+        model.order,
+        config.split.tensors_per_unit,
+        model.head_keys,
+        config.split.classifier_share,
+        peft_method=model.peft_method,
     )
     backend = config.round.backend
     mesh = None
@@ -242,7 +246,8 @@ def evaluate_all_clients(
     eval_fn = tasks.make_eval_fn(exp.model)
     union = {k: np.concatenate([data[c][k] for c in clients]) for k in data[0]}
     packed = data_lib.pack_eval([union], batch_size=exp.config.eval_batch_size)
-    keys = ("input_ids", "attention_mask", "labels", "example_mask")
+    keys = ("input_ids", "attention_mask", "token_type_ids", "labels", "example_mask")
+    keys = [k for k in keys if k in packed]  # token_type_ids: text pairs only
     sums = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
     for step in range(packed["example_mask"].shape[1]):
         out = eval_fn(params, frozen, {k: packed[k][0, step] for k in keys})

@@ -30,6 +30,7 @@ class ApplyFn(Protocol):
         input_ids: Array,
         attention_mask: Array,
         dropout_rng: Array | None = None,
+        token_type_ids: Array | None = None,
     ) -> Array: ...
 
 
@@ -38,8 +39,10 @@ class SplitModel:
     """A model split at the functional boundary.
 
     Attributes:
-      apply_fn: pure ``(trainable, frozen, input_ids, attention_mask, dropout_rng) -> logits``;
-        ``dropout_rng=None`` means deterministic (evaluation).
+      apply_fn: pure ``(trainable, frozen, input_ids, attention_mask, dropout_rng,
+        token_type_ids=None) -> logits``; ``dropout_rng=None`` means deterministic
+        (evaluation); ``token_type_ids`` (segment ids of text pairs) is optional and callers
+        pass it only when the batch has it, so an ``apply_fn`` without it still works.
       trainable: flat dict of the trainable leaves (PEFT weights and task head).
       frozen: everything else (the frozen base), any pytree.
       order: the keys of ``trainable`` in model order (layer index numerically, attention
@@ -49,6 +52,8 @@ class SplitModel:
         ``classifier_share``.
       task: "classification", "qa" or "causal_lm".
       num_labels: number of classes for classification.
+      peft_method: the PEFT method that chose ``trainable`` ("lora", "ia3", "bitfit" or
+        "head"); units deal its tensors by it (:func:`spry_jax.core.units.make_units`).
     """
 
     apply_fn: Callable[..., Array]
@@ -58,11 +63,13 @@ class SplitModel:
     head_keys: tuple[str, ...]
     task: str = "classification"
     num_labels: int = 2
+    peft_method: str = "lora"
 
 
 # Keys of a packed batch. Every leaf has a leading [clients, steps, batch] prefix in a round.
 #   input_ids       int32 [..., seq]
 #   attention_mask  int32 [..., seq]   1 = real token
+#   token_type_ids  int32 [..., seq]   optional: segment ids of text pairs (absent = all 0)
 #   labels          int32 [...]        classification label (or [..., seq] for causal_lm, -100 = ignore)
 #   start_positions int32 [...]        QA only
 #   end_positions   int32 [...]        QA only
@@ -72,6 +79,7 @@ class SplitModel:
 BATCH_KEYS = (
     "input_ids",
     "attention_mask",
+    "token_type_ids",
     "labels",
     "start_positions",
     "end_positions",

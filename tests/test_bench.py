@@ -70,7 +70,7 @@ def test_cosine_and_spry_round_by_hand():
     assert np.isclose(float(fidelity.cosine(a, b, {"x": 1.0, "y": 0.0})), 1 / np.sqrt(2))
     # Estimator that returns its mask: each unit is held by exactly one of M <= G clients.
     params = {f"k{i}": jnp.ones((3,)) for i in range(6)}
-    units = units_lib.make_units(tuple(sorted(params)), 2)
+    units = units_lib.make_units(tuple(sorted(params)), 2, peft_method="lora")
     est, clients, count = fidelity.spry_round(
         lambda p, m, k: {n: m[n] * p[n] for n in p}, params, units, 2, jax.random.PRNGKey(0)
     )

@@ -169,7 +169,9 @@ def _spec(cfg, model, m=M):
         estimator=parts.estimator,
         client_optimizer=parts.client_optimizer,
         server_optimizer=parts.server_optimizer,
-        units=U.make_units(model.order, cfg.split.tensors_per_unit, model.head_keys),
+        units=U.make_units(
+            model.order, cfg.split.tensors_per_unit, model.head_keys, peft_method=model.peft_method
+        ),
         split=parts.split,
         clients_per_round=m,
         num_slots=m,

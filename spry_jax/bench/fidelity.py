@@ -138,7 +138,7 @@ def run(
     params = model.trainable
     g = true_grad(params)
     ones = {k: jnp.ones((), jnp.float32) for k in params}
-    units = units_lib.make_units(model.order, 2, model.head_keys)
+    units = units_lib.make_units(model.order, 2, model.head_keys, peft_method=model.peft_method)
     base = jax.random.PRNGKey(seed)
 
     def point(num_k: int, num_m: int, with_baselines: bool) -> dict[str, Any]:

@@ -1,8 +1,23 @@
 """Units of trainable weights and their assignment to the clients of a round (REFERENCE.md §2).
 
-A *unit* is a consecutive chunk of ``tensors_per_unit`` trainable tensors in model order
-(default 2 = one LoRA module's (A, B) pair). Each round, the M participating clients take
-*slots* in a random order and units are dealt to slots:
+A *unit* is what one client slot is dealt. How the trainable tensors (``SplitModel.order``, model
+order) are grouped into units depends on the PEFT method, as in the PyTorch release:
+
+* ``lora``: ``tensors_per_unit`` consecutive tensors of ONE adapted module (the release's
+  ``per_client_layer_count``; default 2 = that module's (A, B) pair, 1 = A and B apart). A unit
+  never holds tensors of two modules, so values above 2 are refused.
+* ``ia3`` and ``bitfit``: one tensor per unit, whatever ``tensors_per_unit`` says (the release
+  deals them out one by one).
+* The task head is one unit of its own, last, in every method (``head``: the only unit). It is
+  never split over units nor mixed with body tensors. The release keeps the head whole when it
+  shares it (``classifier_share``: the last 2 tensors for BERT/ALBERT, 4 for DistilBERT's
+  pre_classifier + classifier and RoBERTa's dense + out_proj); unshared, it chunks the head
+  like the body, which puts DistilBERT's two head layers on different clients (LoRA) or deals
+  single head tensors (IA3). A two-layer head trained half by one client and half by another
+  is not the model either client estimates a gradient for, so we keep it whole.
+
+Each round, the M participating clients take *slots* in a random order and units are dealt to
+slots:
 
 * M <= G (G units): unit g goes to slot ``g mod M``; every unit is trained by exactly one client.
 * M > G: slot m trains unit ``m mod G``; each unit is shared by floor(M/G) or ceil(M/G) clients
@@ -39,7 +54,41 @@ class Units:
     num_units: int
 
     def unit_members(self, g: int) -> tuple[str, ...]:
+        """The keys of unit ``g`` in model order."""
         return tuple(k for k in self.keys if self.unit_of_key[k] == g)
+
+    def members(self) -> tuple[tuple[str, ...], ...]:
+        """Every unit's keys, unit 0 first (shared keys, unit -1, are not listed)."""
+        return tuple(self.unit_members(g) for g in range(self.num_units))
+
+
+PEFT_METHODS = ("lora", "ia3", "bitfit", "head")
+
+
+def _module_of(key: str) -> str:
+    """The adapted module a trainable key belongs to: its state path without the leaf name."""
+    return key.rsplit("/", 1)[0] if "/" in key else ""
+
+
+def _body_chunks(body: list[str], peft_method: str, tensors_per_unit: int) -> list[list[str]]:
+    """Consecutive body tensors grouped into units by the method's rule (module docstring)."""
+    if peft_method in ("ia3", "bitfit"):
+        return [[k] for k in body]
+    if peft_method == "lora" and tensors_per_unit > 2:
+        raise ValueError(
+            f"split.tensors_per_unit={tensors_per_unit} would put tensors of several LoRA "
+            "modules in one unit; use 2 (one module's (A, B) per unit) or 1 (A and B apart)."
+        )
+    chunks: list[list[str]] = []
+    run: list[str] = []
+    for k in body:
+        if run and (_module_of(k) != _module_of(run[0]) or len(run) == tensors_per_unit):
+            chunks.append(run)
+            run = []
+        run.append(k)
+    if run:
+        chunks.append(run)
+    return chunks
 
 
 def make_units(
@@ -47,14 +96,18 @@ def make_units(
     tensors_per_unit: int = 2,
     head_keys: tuple[str, ...] | list[str] = (),
     classifier_share: bool = False,
+    *,
+    peft_method: str,
 ) -> Units:
-    """Groups trainable keys (in model order) into units.
+    """Groups trainable keys (in model order) into units, as the method deals them.
 
     Args:
       order: trainable keys in model order (``SplitModel.order``).
-      tensors_per_unit: consecutive tensors per unit (``per_client_layer_count`` in the release).
-      head_keys: keys of the task head.
+      tensors_per_unit: LoRA tensors per unit, within one module (``per_client_layer_count``
+        in the release); ignored by IA3 and BitFit, which deal one tensor per unit.
+      head_keys: keys of the task head; they form one unit of their own.
       classifier_share: if True the head is trained by every client and is not a unit.
+      peft_method: ``SplitModel.peft_method`` ("lora", "ia3", "bitfit" or "head").
 
     Returns:
       The :class:`Units`.
@@ -64,20 +117,28 @@ def make_units(
             f"split.tensors_per_unit must be >= 1, got {tensors_per_unit}; "
             "use 2 for one LoRA (A, B) pair per unit."
         )
+    if peft_method not in PEFT_METHODS:
+        raise ValueError(f"peft.method={peft_method!r} is unknown; use one of {PEFT_METHODS}.")
     order = tuple(order)
     if len(set(order)) != len(order):
         raise ValueError("SplitModel.order lists a trainable key twice.")
     unknown = set(head_keys) - set(order)
     if unknown:
         raise ValueError(f"head_keys not in the trainable order: {sorted(unknown)}")
-    dealt = [k for k in order if not (classifier_share and k in head_keys)]
+    head = [k for k in order if k in set(head_keys)]
+    body = [k for k in order if k not in set(head_keys)]
+    if peft_method == "head" and body:
+        raise ValueError(f"peft.method='head' but non-head keys are trainable: {body[:3]}")
+    chunks = _body_chunks(body, peft_method, tensors_per_unit)
+    if head and not classifier_share:
+        chunks.append(head)
     unit_of_key = {k: -1 for k in order}
-    for i, k in enumerate(dealt):
-        unit_of_key[k] = i // tensors_per_unit
-    num_units = -(-len(dealt) // tensors_per_unit)
-    if num_units == 0:
+    for g, chunk in enumerate(chunks):
+        for k in chunk:
+            unit_of_key[k] = g
+    if not chunks:
         raise ValueError("No trainable tensors to split into units (is the PEFT method empty?).")
-    return Units(keys=order, unit_of_key=unit_of_key, num_units=num_units)
+    return Units(keys=order, unit_of_key=unit_of_key, num_units=len(chunks))
 
 
 def slot_table(num_clients: int, num_units: int) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 Every per-example leaf ``[n_i, ...]`` of client ``i`` becomes ``[M, S, B, ...]`` (slots, local
 steps, batch), with ``example_mask`` [M, S, B] (1 = real example) and ``step_mask`` [M, S]
-(1 = a real local step); see :mod:`spry_jax.types`. Padding positions hold a copy of a real
-example (so every computation on them stays finite -- an all-zero attention mask can turn a
-softmax into NaN, and NaN * 0 is still NaN) and are switched off by the masks.
+(1 = a real local step); see :mod:`spry_jax.types`. Leaves are packed by name, whatever they
+are, so optional ones (``token_type_ids`` of text pairs) travel with the rest. Padding
+positions hold a copy of a real example (so every computation on them stays finite -- an
+all-zero attention mask can turn a softmax into NaN, and NaN * 0 is still NaN) and are switched
+off by the masks.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ import numpy as np
 from spry_jax import assets
 from spry_jax.data.errors import DataError
 
-# Bump when the meaning of the cached arrays changes.
-_FORMAT_VERSION = 1
+# Bump when the meaning of the cached arrays changes (2: text pairs keep token_type_ids).
+_FORMAT_VERSION = 2
 
 
 def as_hf_tokenizer(tokenizer: Any):
@@ -88,7 +88,10 @@ def tokenize_texts(
     """Tokenizes (pairs of) texts, truncated and right-padded to ``max_length``.
 
     Returns:
-      ``input_ids`` and ``attention_mask``, int32 [N, max_length].
+      ``input_ids`` and ``attention_mask``, int32 [N, max_length]; for text pairs also
+      ``token_type_ids`` (0 = first text, 1 = second, 0 on padding) when the tokenizer makes
+      them (BERT and ALBERT tokenizers do; RoBERTa's and DistilBERT's do not). Single texts
+      have one segment, so they get none and stay as they were.
     """
     if max_length < 2:
         raise DataError(f"data.max_length must be >= 2, got {max_length}")
@@ -106,7 +109,13 @@ def tokenize_texts(
     for i, row in enumerate(enc["input_ids"]):
         ids[i, : len(row)] = row
         mask[i, : len(row)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    out = {"input_ids": ids, "attention_mask": mask}
+    if text_pairs is not None and "token_type_ids" in enc:
+        types = np.zeros((n, max_length), dtype=np.int32)
+        for i, row in enumerate(enc["token_type_ids"]):
+            types[i, : len(row)] = row
+        out["token_type_ids"] = types
+    return out
 
 
 def tokenized_cache_path(key: dict[str, Any]) -> Path:

@@ -3,8 +3,11 @@
 State paths mirror transformers' module names (``encoder/layer/0/attention/self/query``), so
 checkpoint tensors map by renaming ``.`` to ``/`` and dropping the family prefix (``bert.``,
 ``roberta.``, ...), and PEFT target patterns read like PEFT's. The numerics follow
-transformers' PyTorch implementations (eager attention; post-LayerNorm residual blocks);
-token type ids are all zero, as transformers fills them when none are given.
+transformers' PyTorch implementations (eager attention; post-LayerNorm residual blocks).
+Token type (segment) ids are an optional third input: sentence pairs (NLI, MultiRC) mark the
+second text with 1 for BERT and ALBERT; absent, they are all zero, as transformers fills them.
+Models with a single segment type (RoBERTa) or none (DistilBERT) report ``uses_token_types``
+False, and the SplitModel boundary does not pass segment ids to them.
 
 Every class follows the architecture contract of :mod:`spry_jax.models.registry`.
 """
@@ -122,7 +125,18 @@ class EncoderBase(nnx.Module):
                 break
         return key.replace(".", "/")
 
-    def encode(self, input_ids: Array, attention_mask: Array, rng: Array | None) -> Array:
+    @property
+    def uses_token_types(self) -> bool:
+        """Whether segment ids change the output (a token-type table with more than one row)."""
+        return getattr(self, "type_vocab_size", 0) > 1
+
+    def encode(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        rng: Array | None,
+        token_type_ids: Array | None = None,
+    ) -> Array:
         raise NotImplementedError
 
     def _classify(self, hidden: Array, attention_mask: Array, rng: Array | None) -> Array:
@@ -130,12 +144,28 @@ class EncoderBase(nnx.Module):
         raise NotImplementedError
 
     def __call__(
-        self, input_ids: Array, attention_mask: Array, *, dropout_rng: Array | None = None
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        token_type_ids: Array | None = None,
+        *,
+        dropout_rng: Array | None = None,
     ) -> Array:
-        """Logits: ``[batch, num_labels]`` (classification) or ``[batch, seq, 2]`` (qa)."""
+        """Logits: ``[batch, num_labels]`` (classification) or ``[batch, seq, 2]`` (qa).
+
+        ``token_type_ids`` (``[batch, seq]``, None = all zero) are the segment ids of a text
+        pair, as transformers' ``token_type_ids``.
+        """
         input_ids = jnp.asarray(input_ids, jnp.int32)
         attention_mask = jnp.asarray(attention_mask, jnp.int32)
-        hidden = self.encode(input_ids, attention_mask, fold_rng(dropout_rng, 0))
+        if token_type_ids is not None:
+            token_type_ids = jnp.asarray(token_type_ids, jnp.int32)
+            if token_type_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"token_type_ids has shape {token_type_ids.shape}, input_ids "
+                    f"{input_ids.shape}; they must match."
+                )
+        hidden = self.encode(input_ids, attention_mask, fold_rng(dropout_rng, 0), token_type_ids)
         head_rng = fold_rng(dropout_rng, 1)
         if self.task == "qa":
             return self._qa(hidden, head_rng)
@@ -182,6 +212,7 @@ class BertModel(EncoderBase):
         cls_drop = getattr(config, "classifier_dropout", None)
         self.classifier_dropout = float(self.hidden_dropout if cls_drop is None else cls_drop)
         self.pad_token_id = int(config.pad_token_id or 0)
+        self.type_vocab_size = int(config.type_vocab_size)
         self.act = config.hidden_act
         eps = config.layer_norm_eps
         kw = dict(dtype=dtype, quant=quant, rngs=rngs)
@@ -220,7 +251,13 @@ class BertModel(EncoderBase):
             self.pooler = heads.Pooler(h, dtype=dtype, quant=quant, rngs=rngs)
             self.classifier = Linear(h, self.num_labels, rngs=rngs)
 
-    def encode(self, input_ids: Array, attention_mask: Array, rng: Array | None) -> Array:
+    def encode(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        rng: Array | None,
+        token_type_ids: Array | None = None,
+    ) -> Array:
         """Last hidden states ``[batch, seq, hidden]`` in the model dtype."""
         emb = self.embeddings
         t = input_ids.shape[1]
@@ -229,7 +266,8 @@ class BertModel(EncoderBase):
             positions = jnp.cumsum(not_pad, axis=1) * not_pad + self.pad_token_id
         else:
             positions = jnp.arange(t, dtype=jnp.int32)[None, :]
-        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(jnp.zeros_like(input_ids))
+        types = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(types)
         x = (x + emb.position_embeddings(positions)).astype(self.dtype)
         x = dropout(emb.LayerNorm(x), self.hidden_dropout, fold_rng(rng, 0))
         mask = make_attention_mask(attention_mask)
@@ -365,7 +403,20 @@ class DistilBertModel(EncoderBase):
             return ("pre_classifier", "classifier")
         return super().head_prefixes
 
-    def encode(self, input_ids: Array, attention_mask: Array, rng: Array | None) -> Array:
+    def encode(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        rng: Array | None,
+        token_type_ids: Array | None = None,
+    ) -> Array:
+        if token_type_ids is not None:
+            # transformers' DistilBERT takes no token_type_ids either: it has no segment table,
+            # so ids given here would be silently meaningless.
+            raise ValueError(
+                "DistilBERT has no token type embeddings; call it without token_type_ids "
+                "(a text pair is told apart by its [SEP] token only)."
+            )
         emb = self.embeddings
         positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None, :]
         x = (emb.word_embeddings(input_ids) + emb.position_embeddings(positions)).astype(self.dtype)
@@ -443,6 +494,7 @@ class AlbertModel(EncoderBase):
         self.classifier_dropout = float(config.classifier_dropout_prob)
         if pooling == "mean":
             self.classifier_dropout = self.hidden_dropout
+        self.type_vocab_size = int(config.type_vocab_size)
         self.act = config.hidden_act
         eps = config.layer_norm_eps
         kw = dict(dtype=dtype, quant=quant, rngs=rngs)
@@ -477,10 +529,17 @@ class AlbertModel(EncoderBase):
             self.pooler = Linear(h, h, **kw)
             self.classifier = Linear(h, self.num_labels, rngs=rngs)
 
-    def encode(self, input_ids: Array, attention_mask: Array, rng: Array | None) -> Array:
+    def encode(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        rng: Array | None,
+        token_type_ids: Array | None = None,
+    ) -> Array:
         emb = self.embeddings
         positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None, :]
-        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(jnp.zeros_like(input_ids))
+        types = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(types)
         x = (x + emb.position_embeddings(positions)).astype(self.dtype)
         x = dropout(emb.LayerNorm(x), self.hidden_dropout, fold_rng(rng, 0))
         x = self.encoder.embedding_hidden_mapping_in(x, dropout_rng=fold_rng(rng, 1))

@@ -235,8 +235,11 @@ def trainable_paths(model: nnx.Module, cfg: PeftConfig | Mapping[str, Any]) -> t
 def split_model(model: nnx.Module, peft_cfg: PeftConfig | Mapping[str, Any]) -> SplitModel:
     """Splits an (adapted) model at the functional boundary of :class:`spry_jax.types.SplitModel`.
 
-    ``apply_fn(trainable, frozen, input_ids, attention_mask, dropout_rng=None)`` merges the two
-    halves and calls the model; it is pure, jittable, vmappable and jvp-able in ``trainable``.
+    ``apply_fn(trainable, frozen, input_ids, attention_mask, dropout_rng=None,
+    token_type_ids=None)`` merges the two halves and calls the model; it is pure, jittable,
+    vmappable and jvp-able in ``trainable``. Segment ids reach only models whose
+    ``uses_token_types`` is true (BERT, ALBERT); for the others (RoBERTa's single segment,
+    DistilBERT, decoders) they are dropped, as those models' own tokenizers never produce them.
     """
     cfg = as_peft_config(peft_cfg)
     order = trainable_paths(model, cfg)
@@ -249,7 +252,11 @@ def split_model(model: nnx.Module, peft_cfg: PeftConfig | Mapping[str, Any]) -> 
         k: (p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype))) for k, (p, v) in flat.items()
     }
 
-    def apply_fn(trainable, frozen, input_ids, attention_mask, dropout_rng=None):
+    uses_token_types = bool(getattr(model, "uses_token_types", False))
+
+    def apply_fn(
+        trainable, frozen, input_ids, attention_mask, dropout_rng=None, token_type_ids=None
+    ):
         missing = set(templates) - set(trainable)
         if missing:
             raise KeyError(f"trainable is missing {sorted(missing)[:4]}.")
@@ -257,6 +264,8 @@ def split_model(model: nnx.Module, peft_cfg: PeftConfig | Mapping[str, Any]) -> 
             [(p, v.replace(trainable[k])) for k, (p, v) in templates.items()]
         )
         module = nnx.merge(graphdef, state, frozen)
+        if uses_token_types and token_type_ids is not None:
+            return module(input_ids, attention_mask, token_type_ids, dropout_rng=dropout_rng)
         return module(input_ids, attention_mask, dropout_rng=dropout_rng)
 
     head = _head_prefixes(model)
@@ -268,6 +277,7 @@ def split_model(model: nnx.Module, peft_cfg: PeftConfig | Mapping[str, Any]) -> 
         head_keys=tuple(k for k in order if _under(k, head)),
         task=getattr(model, "task", "classification"),
         num_labels=int(getattr(model, "num_labels", 2)),
+        peft_method=cfg.method,
     )
 
 

@@ -17,6 +17,9 @@ The contract of an architecture class ``Cls(nnx.Module)`` (encoders and decoders
 * ``__call__(input_ids, attention_mask, *, dropout_rng=None) -> logits``: classification
   ``[batch, num_labels]``; qa ``[batch, seq, 2]`` (start, end); causal_lm
   ``[batch, seq, vocab]``. ``dropout_rng=None`` = deterministic.
+* optional ``uses_token_types: bool`` (False if missing): True when ``__call__`` takes a third
+  argument ``token_type_ids`` (segment ids of text pairs) that changes its output (BERT,
+  ALBERT); the SplitModel boundary passes a batch's ``token_type_ids`` only to such models.
 * ``hf_key_to_path(key: str) -> str | None``: the flat ``"a/b/c"`` state path of a checkpoint
   tensor (None = not a weight of ours, e.g. a buffer or a tied ``lm_head``). The loader
   transposes 2-D tensors whose path ends in ``/kernel`` (torch ``[out, in]`` -> ``[in, out]``)

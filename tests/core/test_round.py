@@ -34,7 +34,9 @@ def _spec(
         estimator=estimator or E.forward(2, 1.0),
         client_optimizer=C.make_client_optimizer("adamw", lr),
         server_optimizer=S.make_server_optimizer(server, 1e-2 if server != "fedavg" else 1.0),
-        units=U.make_units(model.order, tensors_per_unit, model.head_keys),
+        units=U.make_units(
+            model.order, tensors_per_unit, model.head_keys, peft_method=model.peft_method
+        ),
         split=split,
         clients_per_round=m,
         num_slots=slots,

@@ -173,3 +173,46 @@ def test_synthetic_federated_packs_into_round_arrays():
     assert set(packed) <= set(BATCH_KEYS) | {"step_mask"}
     assert packed["input_ids"].shape == (4, 4, 8, 16)
     assert packed["step_mask"].shape == (4, 4)
+
+
+def test_sentence_pairs_reach_the_packed_client_arrays(minilm_tokenizer, tmp_cache, tmp_path):
+    """A pair dataset (NLI-shaped local csv) yields token_type_ids in the round's arrays."""
+    import pandas as pd
+
+    n = 40
+    premises = [f"premise number {i} is about a film" for i in range(n)]
+    hypotheses = [f"hypothesis {i}" for i in range(n)]
+    pd.DataFrame(
+        {"premise": premises, "hypothesis": hypotheses, "label": [i % 3 for i in range(n)]}
+    ).to_csv(tmp_path / "nli.csv", index=False)
+    columns = {"text": "premise", "text_pair": "hypothesis", "label": "label"}
+    cfg = ConfigDict(
+        dict(name="csv", path=str(tmp_path / "nli.csv"), columns=columns, partition="iid")
+    )
+    cfg.max_length = 24
+    fd = make_federated_data(cfg, num_clients=4, tokenizer=minilm_tokenizer, seed=0)
+    packed = pack_clients(
+        fd.train[:3], batch_size=4, epochs=1, rng=np.random.default_rng(0), num_slots=4
+    )
+    types = packed["token_type_ids"]
+    assert types.shape == packed["input_ids"].shape == (4, 2, 4, 24)
+    assert types.dtype == np.int32
+    assert set(packed) <= set(BATCH_KEYS) | {"step_mask"}
+    # Each real example carries the tokenizer's own segment ids for its (premise, hypothesis).
+    tr = fd.client_examples[0][0]
+    ref = minilm_tokenizer(
+        [premises[i] for i in tr],
+        [hypotheses[i] for i in tr],
+        max_length=24,
+        truncation=True,
+        padding="max_length",
+    )
+    np.testing.assert_array_equal(fd.train[0]["token_type_ids"], ref["token_type_ids"])
+    real = packed["example_mask"][0].astype(bool)
+    rows = {tuple(r) for r in fd.train[0]["token_type_ids"]}
+    assert all(tuple(r) in rows for r in types[0][real])
+    assert (types[packed["attention_mask"] == 0] == 0).all() and (types == 1).any()
+    # Single texts stay as they were: no segment ids.
+    cfg.columns = {"text": "premise", "label": "label"}
+    single = make_federated_data(cfg, num_clients=4, tokenizer=minilm_tokenizer, seed=0)
+    assert "token_type_ids" not in single.train[0]

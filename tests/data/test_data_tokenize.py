@@ -31,6 +31,19 @@ def test_matches_the_tokenizers_own_padding(minilm_tokenizer):
     assert ours["input_ids"][1, 0] == minilm_tokenizer.cls_token_id
 
 
+def test_pairs_keep_the_tokenizers_token_type_ids(minilm_tokenizer):
+    ours = tokenize_texts(TEXTS, PAIRS, minilm_tokenizer, 16)
+    ref = minilm_tokenizer(
+        TEXTS, PAIRS, truncation=True, max_length=16, padding="max_length", return_tensors="np"
+    )
+    np.testing.assert_array_equal(ours["token_type_ids"], ref["token_type_ids"])
+    assert ours["token_type_ids"].dtype == np.int32
+    # ("Dull.", "x"): [CLS] dull . [SEP] are segment 0, x [SEP] segment 1, padding 0.
+    assert ours["token_type_ids"][1].tolist() == [0, 0, 0, 0, 1, 1] + [0] * 10
+    # A single text has one segment: no token_type_ids, the arrays are as before.
+    assert set(tokenize_texts(TEXTS, None, minilm_tokenizer, 16)) == {"input_ids", "attention_mask"}
+
+
 def test_raw_tokenizers_object_gives_the_same_ids(minilm_tokenizer):
     raw = tokenizers.Tokenizer.from_file(str(fetch("minilm") / "tokenizer.json"))
     before = raw.padding

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from spry_jax import models
+from spry_jax import models, tasks
 from spry_jax.models import peft
 
 VOCAB = 99
@@ -196,3 +196,84 @@ def test_causal_lm_refused_for_encoders(tmp_path):
     _save_torch("bert", "classification", tmp_path)
     with pytest.raises(ValueError, match="causal_lm"):
         models.from_pretrained(tmp_path, task="causal_lm")
+
+
+# --------------------------------------------------------------------------------------------
+# Sentence pairs (issue 11, item 6): segment ids reach BERT and ALBERT through every boundary.
+# --------------------------------------------------------------------------------------------
+
+
+def _pair_batch(pad_id: int, seed: int = 1):
+    """Three right-padded pairs ``[CLS] a [SEP] b [SEP]``: segment 1 on ``b``, 0 on padding."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(3, VOCAB, size=(3, 12))
+    mask = np.ones_like(ids)
+    types = np.zeros_like(ids)
+    for row, (second, length) in enumerate(((5, 12), (3, 9), (2, 6))):
+        types[row, second:length] = 1
+        ids[row, length:] = pad_id
+        mask[row, length:] = 0
+    return ids, mask, types
+
+
+@pytest.mark.parametrize("task", ["classification", "qa"])
+@pytest.mark.parametrize("family", ["bert", "albert"])
+def test_sentence_pair_parity_with_token_type_ids(family, task, tmp_path):
+    tm, config = _save_torch(family, task, tmp_path)
+    model = models.from_pretrained(tmp_path, task=task, num_labels=3)
+    assert model.uses_token_types
+    ids, mask, types = _pair_batch(config.pad_token_id)
+    with torch.no_grad():
+        out = tm(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            token_type_ids=torch.tensor(types),
+        )
+    ref = (
+        np.stack([out.start_logits.numpy(), out.end_logits.numpy()], -1)
+        if task == "qa"
+        else out.logits.numpy()
+    )
+    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types)))
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    # Segments matter at this scale: dropping them moves the logits far past the tolerance.
+    assert np.abs(np.asarray(model(ids, mask)) - ref).max() > 1e-2
+    # The same logits through the SplitModel boundary, and the loss and eval built on it.
+    split = peft.split_model(model, {"method": "head"})
+    via_split = split.apply_fn(split.trainable, split.frozen, ids, mask, None, token_type_ids=types)
+    np.testing.assert_allclose(np.asarray(via_split), ref, atol=1e-4, rtol=1e-4)
+    if task == "classification":
+        labels = np.array([0, 2, 1])
+        batch = {
+            "input_ids": jnp.asarray(ids),
+            "attention_mask": jnp.asarray(mask),
+            "token_type_ids": jnp.asarray(types),
+            "labels": jnp.asarray(labels),
+            "example_mask": jnp.ones(3),
+        }
+        loss = tasks.make_loss_fn(split)(split.trainable, split.frozen, batch, None)
+        ref_loss = torch.nn.functional.cross_entropy(torch.tensor(ref), torch.tensor(labels))
+        np.testing.assert_allclose(float(loss), float(ref_loss), atol=1e-5)
+        ev = tasks.make_eval_fn(split)(split.trainable, split.frozen, batch)
+        assert float(ev["correct"]) == float((ref.argmax(-1) == labels).sum())
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_single_segment_encoders_ignore_token_type_ids_at_the_boundary(family, tmp_path):
+    """RoBERTa (one segment type) and DistilBERT (none) never see segment ids from a batch;
+    DistilBERT's module refuses them outright, as transformers' does."""
+    tm, config = _save_torch(family, "classification", tmp_path)
+    model = models.from_pretrained(tmp_path, num_labels=3)
+    assert not model.uses_token_types
+    ids, mask, types = _pair_batch(config.pad_token_id)
+    ref = _torch_logits(tm, ids, mask, "classification")
+    split = peft.split_model(model, {"method": "head"})
+    got = split.apply_fn(split.trainable, split.frozen, ids, mask, None, token_type_ids=types)
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4, rtol=1e-4)
+    if family == "distilbert":
+        with pytest.raises(ValueError, match="no token type embeddings"):
+            model(ids, mask, types)
+    else:
+        np.testing.assert_allclose(
+            np.asarray(model(ids, mask, np.zeros_like(types))), ref, atol=1e-4, rtol=1e-4
+        )
