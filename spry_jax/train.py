@@ -142,6 +142,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         mesh=mesh,
         fwd_sigma=parts.fwd_sigma,
         eval_fn=tasks.make_eval_fn(model) if fed.task == "classification" else None,
+        per_iteration_round_optimizer=parts.per_iteration_round_optimizer,
     )
     b = config.client.batch_size
     max_train = max(len(t["input_ids"]) for t in fed.train)

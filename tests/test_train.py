@@ -171,11 +171,27 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         ({"comm_mode": "per_iteration", "method": "fedavg"}, "comm_mode"),
         ({"fwd.num_tangents": 0}, "fwd.num_tangents"),
         ({"server.optimizer": "fedprox"}, "server.optimizer"),
+        # Per-iteration's plain form has no round-level optimizer to configure.
+        ({"comm_mode": "per_iteration", "server.optimizer": "fedadam"}, "server.optimizer"),
+        ({"comm_mode": "per_iteration", "server.schedule": "cosine"}, "server.schedule"),
     ],
 )
 def test_invalid_configs_are_rejected_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         config_lib.validate(_smoke(**overrides))
+
+
+def test_per_iteration_server_settings_apply_with_the_round_optimizer_option():
+    cfg = _smoke(
+        comm_mode="per_iteration",
+        **{"server.optimizer": "fedadam", "per_iteration.server_round_optimizer": True},
+    )
+    config_lib.validate(cfg)
+    exp = train.build_experiment(cfg)
+    assert exp.spec.per_iteration_round_optimizer
+    assert not train.build_experiment(
+        _smoke(comm_mode="per_iteration")
+    ).spec.per_iteration_round_optimizer
 
 
 def test_unknown_model_is_rejected_clearly(tmp_path):
