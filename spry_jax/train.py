@@ -157,20 +157,71 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     )
 
 
+# Config fields (top-level names or groups) a resume may change: they decide what is evaluated,
+# saved and logged, or on which devices the same program runs -- never the trajectory (the four
+# round backends give the same numbers, tests/core/test_round.py). Every other field, including
+# any added later, is part of a checkpoint's identity, so a forgotten field refuses a resume
+# rather than silently continuing a different experiment. ``rounds`` is handled apart.
+RESUMABLE_FIELDS = (
+    "rounds",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "eval_batch_size",
+    "eval_all_clients",
+    "log_memory",
+    "round",
+    "resume_allow_schedule_change",
+)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"server.optimizer": ..., ...}`` from a (nested) ConfigDict or dict."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, (ml_collections.ConfigDict, dict)):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _identity(exp: Experiment) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed (the base weights themselves are not saved)."""
+    """What a checkpoint must match to be resumed: every config field that changes the
+    trajectory (all but :data:`RESUMABLE_FIELDS`; optimizers as they resolve, so ``auto`` equals
+    the name it stands for), ``rounds`` where the server schedule depends on it, and
+    fingerprints of the frozen base and of the data partition (neither is saved)."""
     c = exp.config
-    identity = {
-        "method": c.method,
-        "comm_mode": c.comm_mode,
-        "model": c.model.name,
-        "model_fingerprint": models_fingerprint(exp.model),
-        "peft": c.peft.to_dict(),
-        "data_fingerprint": exp.fed.fingerprint,
-        "seed": c.seed,
-        "clients_per_round": c.clients_per_round,
-    }
+    identity = {k: v for k, v in _flatten(c).items() if k.split(".")[0] not in RESUMABLE_FIELDS}
+    identity.update(methods.resolved_optimizers(c))
+    # Extending a run resumes it bit-identically unless the server schedule is spread over
+    # ``rounds``; only then does ``rounds`` take part (None = free to change).
+    identity["rounds"] = c.rounds if c.server.schedule != "constant" else None
+    identity["model_fingerprint"] = models_fingerprint(exp.model)
+    identity["data_fingerprint"] = exp.fed.fingerprint
     return json.loads(json.dumps(identity))  # as it reads back from JSON (tuples -> lists)
+
+
+def restore(
+    exp: Experiment, manager: ckpt_lib.Checkpointer, template: round_lib.ServerState
+) -> tuple[round_lib.ServerState, int] | None:
+    """The newest checkpoint of this experiment (None if there is none).
+
+    Raises:
+      CheckpointMismatchError: it is of a different experiment (the message names the fields,
+        both values and the fix); a changed ``rounds`` under a rounds-dependent server schedule
+        counts unless ``resume_allow_schedule_change``.
+    """
+    c = exp.config
+    ignore = ("rounds",) if c.resume_allow_schedule_change else ()
+    hint = (
+        f"server.schedule={c.server.schedule!r} scales the server step by a factor that runs "
+        "from 1 at round 0 to server.final_fraction at round rounds-1, so a new rounds changes "
+        "the factor of every round still to run (round r gets factor(r / (new rounds - 1)) "
+        "instead of factor(r / (old rounds - 1)); the rounds already run keep theirs). Set "
+        "--config.resume_allow_schedule_change=True to continue on the stretched schedule."
+    )
+    return manager.restore_latest(template, _identity(exp), ignore=ignore, hints={"rounds": hint})
 
 
 def models_fingerprint(model: SplitModel) -> str:
@@ -305,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     identity = _identity(exp)
     state = exp.init_state()
     manager = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
-    restored = manager.restore_latest(state, identity)
+    restored = restore(exp, manager, state)
     start = 0
     if restored is not None:
         state, start = restored

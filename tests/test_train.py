@@ -149,6 +149,66 @@ def test_checkpoint_from_another_method_is_refused(tmp_path):
         train.train_and_evaluate(_smoke(rounds=2, method="fedfgd"), str(tmp_path))
 
 
+_FAST = {"log_memory": False, "eval_all_clients": False}
+
+
+@pytest.fixture(scope="module")
+def one_round(tmp_path_factory):
+    """A workdir with the checkpoint after round 0 of the smoke config."""
+    workdir = tmp_path_factory.mktemp("one_round")
+    train.train_and_evaluate(_smoke(rounds=1, **_FAST), str(workdir))
+    return workdir
+
+
+@pytest.mark.parametrize(
+    "field,new,old",
+    [
+        ("server.optimizer", "fedadam", "fedyogi"),  # 'auto' resolves to Spry's FedYogi
+        ("fwd.num_tangents", 2, 1),
+        ("client.lr", 2e-3, 1e-3),
+        ("split.tensors_per_unit", 1, 2),
+        ("zo.eps", 1e-2, 1e-3),
+        ("seed", 1, 0),
+    ],
+)
+def test_resume_refuses_a_changed_trajectory_field(one_round, field, new, old):
+    before = sorted(os.listdir(one_round / "checkpoints")), _records(one_round)
+    with pytest.raises(CheckpointMismatchError) as err:
+        train.train_and_evaluate(_smoke(rounds=2, **_FAST, **{field: new}), str(one_round))
+    message = str(err.value)
+    assert f"{field}: checkpoint has {old!r}, config has {new!r}" in message
+    assert "new --workdir" in message
+    assert (sorted(os.listdir(one_round / "checkpoints")), _records(one_round)) == before
+
+
+def test_resume_allows_more_rounds_and_non_trajectory_changes(tmp_path):
+    train.train_and_evaluate(_smoke(rounds=1, **_FAST), str(tmp_path))
+    changed = {
+        "eval_every": 2,
+        "checkpoint_every": 2,
+        "keep_checkpoints": 3,
+        "eval_batch_size": 5,
+        "eval_all_clients": True,
+        "round.backend": "loop",
+    }
+    train.train_and_evaluate(_smoke(rounds=2, log_memory=True, **changed), str(tmp_path))
+    assert [r["round"] for r in _records(tmp_path)] == [0, 1]
+
+
+def test_a_rounds_dependent_schedule_refuses_more_rounds_unless_allowed(tmp_path):
+    cosine = {**_FAST, "server.schedule": "cosine"}
+    train.train_and_evaluate(_smoke(rounds=1, **cosine), str(tmp_path))
+    with pytest.raises(CheckpointMismatchError) as err:
+        train.train_and_evaluate(_smoke(rounds=2, **cosine), str(tmp_path))
+    message = str(err.value)
+    assert "rounds: checkpoint has 1, config has 2" in message
+    assert "server.schedule='cosine'" in message and "resume_allow_schedule_change" in message
+    assert [r["round"] for r in _records(tmp_path)] == [0]
+    allowed = {**cosine, "resume_allow_schedule_change": True}
+    train.train_and_evaluate(_smoke(rounds=2, **allowed), str(tmp_path))
+    assert [r["round"] for r in _records(tmp_path)] == [0, 1]
+
+
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     train.train_and_evaluate(_smoke(rounds=1), str(tmp_path))
     before = _records(tmp_path)
