@@ -460,7 +460,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
             raise FloatingPointError(
                 f"{what} after round {r}; stopping without saving. The last good checkpoint in "
-                f"{manager.directory} is intact. Lower client.lr (or fwd.sigma) and rerun."
+                f"{manager.directory} is intact. Lower client.lr (or fwd.sigma) and rerun with a "
+                "new --workdir (with another lr it is another experiment; this checkpoint would "
+                "refuse it)."
             )
         state = new_state
         seconds = time.time() - t0

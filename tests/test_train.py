@@ -384,13 +384,28 @@ def test_a_rounds_dependent_schedule_refuses_more_rounds_unless_allowed(tmp_path
     assert [r["round"] for r in _records(tmp_path)] == [0, 1]
 
 
-def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    train.train_and_evaluate(_smoke(rounds=1), str(tmp_path))
-    before = _records(tmp_path)
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    # A diverging config stops before anything is saved.
+    diverging = tmp_path / "diverging"
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         train.train_and_evaluate(
-            _smoke(rounds=3, **{"client.lr": 1e38, "fwd.sigma": 1e10}), str(tmp_path)
+            _smoke(rounds=3, **{"client.lr": 1e38, "fwd.sigma": 1e10}), str(diverging)
         )
+    assert [p for p in os.listdir(diverging / "checkpoints") if p.isdigit()] == []
+    # A blow-up after a checkpoint keeps it. The same experiment must blow up there (resuming
+    # with another lr is refused), so round 1 starts from non-finite weights.
+    train.train_and_evaluate(_smoke(rounds=1), str(tmp_path))
+    before = _records(tmp_path)
+    real_round = train.run_round
+
+    def blow_up(exp, state, frozen, evaluate):
+        if int(state.round) >= 1:
+            state = state._replace(params=jax.tree.map(lambda x: x * np.inf, state.params))
+        return real_round(exp, state, frozen, evaluate)
+
+    monkeypatch.setattr(train, "run_round", blow_up)
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        train.train_and_evaluate(_smoke(rounds=3), str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
     assert _records(tmp_path) == before
 
