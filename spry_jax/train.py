@@ -296,8 +296,11 @@ def evaluate_final(exp: Experiment, state: round_lib.ServerState, frozen: Any) -
     """The evaluation of the final global model ``state.params``: what round ``state.round``
     (the next one, were the run extended) reports at its start -- generalized on its sampled
     clients, personalized after their local training -- computed by that round's program with
-    its update discarded. So ``eval/model_after_rounds`` = the rounds run, and an extended run's
-    eval record of that round repeats these figures."""
+    its update discarded. So ``eval/model_after_rounds`` = the rounds run, and an extended run
+    that evaluates that round records these figures again. ``{}`` for a task without a
+    per-round evaluation (causal LM)."""
+    if exp.spec.eval_fn is None and exp.fed.task != "qa":
+        return {}
     return run_round(exp, state, frozen, evaluate=True)[2]
 
 
