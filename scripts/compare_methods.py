@@ -55,13 +55,14 @@ def first_reaching(records, key, target):
 def summarize(method: str, workdir: str, target: float) -> dict:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    evals = [r for r in records if "eval/generalized_accuracy" in r]
-    last = evals[-1] if evals else {}
+    # The final model's figures (a round's record is of the model that round starts from).
+    with open(os.path.join(workdir, "summary.json")) as f:
+        final = json.load(f)["final"]
     rounds_to, wall_to = first_reaching(records, "eval/generalized_accuracy", target)
     return {
         "method": method,
-        "generalized_accuracy": last.get("eval/generalized_accuracy"),
-        "personalized_accuracy": last.get("eval/personalized_accuracy"),
+        "generalized_accuracy": final.get("eval/generalized_accuracy"),
+        "personalized_accuracy": final.get("eval/personalized_accuracy"),
         "rounds_to_target": rounds_to,
         "wall_s_to_target": wall_to,
         "client_step_peak_bytes": records[0].get("memory/client_step_peak_bytes"),

@@ -1,9 +1,11 @@
 """Orbax checkpoints of the server state, with an identity check on restore.
 
 A checkpoint holds the trainable weights, the server optimizer state, the round, the RNG key
-and the last aggregated update (FwdLLM+'s guide), plus an identity record (method, model name
-and fingerprint, PEFT, data fingerprint, seed); the frozen base weights are not copied. Orbax writes each step to a temporary directory and
-renames it when complete, so a process killed mid-write leaves the previous checkpoint intact.
+and the last aggregated update (FwdLLM+'s guide), plus an identity record: every config field
+that decides the trajectory and fingerprints of the frozen base and the data partition
+(``spry_jax.train._identity``); the frozen base weights are not copied. Orbax writes each step
+to a temporary directory and renames it when complete, so a process killed mid-write leaves the
+previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -44,6 +46,37 @@ def _as_dict(state: ServerState) -> dict[str, Any]:
     }
 
 
+def _check_identity(
+    found: dict[str, Any],
+    expected: dict[str, Any],
+    directory: str,
+    ignore: tuple[str, ...],
+    hints: dict[str, str],
+) -> None:
+    """Raises :class:`CheckpointMismatchError` naming every field that differs."""
+    missing = [k for k in expected if k not in found and k not in ignore]
+    diffs = {
+        k: (found[k], v)
+        for k, v in expected.items()
+        if k in found and k not in ignore and found[k] != v
+    }
+    if not diffs and not missing:
+        return
+    parts = [f"{k}: checkpoint has {a!r}, config has {b!r}" for k, (a, b) in diffs.items()]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        parts.append(
+            f"the checkpoint records no {', '.join(missing[:5])}{more} (it was written by an "
+            "older spry_jax)"
+        )
+    notes = "".join(f" {hints[k]}" for k in diffs if k in hints)
+    raise CheckpointMismatchError(
+        f"The checkpoint in {directory} is from a different experiment ({'; '.join(parts)}).{notes}"
+        " Use a new --workdir for the changed experiment (or delete that checkpoints directory to "
+        "start over)."
+    )
+
+
 class Checkpointer:
     """Saves and restores :class:`ServerState` under ``directory``."""
 
@@ -70,10 +103,22 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def restore_latest(
-        self, template: ServerState, identity: dict[str, Any], step: int | None = None
+        self,
+        template: ServerState,
+        identity: dict[str, Any],
+        step: int | None = None,
+        ignore: tuple[str, ...] = (),
+        hints: dict[str, str] | None = None,
     ) -> tuple[ServerState, int] | None:
         """Restores the newest checkpoint (or the one after ``step`` rounds), or None if there
         is none.
+
+        Args:
+          template: a state of the right structure (shapes and dtypes are read from it).
+          identity: ``{field: value}`` the checkpoint's identity must match (JSON values).
+          step: completed rounds of the checkpoint to restore; None = the newest.
+          ignore: identity fields allowed to differ.
+          hints: per field, a sentence appended to the refusal when that field differs.
 
         Raises:
           CheckpointMismatchError: the checkpoint's identity differs from ``identity``.
@@ -89,16 +134,7 @@ class Checkpointer:
         saved = self._manager.restore(
             step, args=ocp.args.Composite(identity=ocp.args.JsonRestore())
         )
-        found = dict(saved["identity"])
-        diffs = {k: (found.get(k), v) for k, v in identity.items() if found.get(k) != v}
-        if diffs:
-            detail = "; ".join(
-                f"{k}: checkpoint has {a!r}, config has {b!r}" for k, (a, b) in diffs.items()
-            )
-            raise CheckpointMismatchError(
-                f"The checkpoint in {self.directory} is from a different experiment ({detail}). "
-                "Use a new --workdir, or delete that checkpoints directory to start over."
-            )
+        _check_identity(dict(saved["identity"]), identity, self.directory, ignore, hints or {})
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), _as_dict(template)
         )

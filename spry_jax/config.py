@@ -24,6 +24,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 10  # save a checkpoint every N rounds (and after the last)
     c.keep_checkpoints = 2  # how many checkpoints to keep
     c.comm_mode = "per_epoch"  # "per_epoch" | "per_iteration" (forward-gradient methods)
+    c.resume_allow_schedule_change = False  # resume with new rounds under a non-constant schedule
+
+    c.per_iteration = ml_collections.ConfigDict()  # comm_mode=per_iteration (core/round.py)
+    c.per_iteration.server_round_optimizer = False  # True: server.optimizer also steps per round
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "rotten_tomatoes"  # a spry_jax.data registry name, or csv/jsonl/parquet

@@ -173,6 +173,31 @@ class RoundParts:
     max_steps: int | None
     fwd_sigma: float | None
     client_var_threshold: float = 0.0
+    per_iteration_round_optimizer: bool = False
+
+
+def resolved_optimizers(cfg: Any) -> dict[str, Any]:
+    """The optimizer names and learning rates a config resolves to: ``"auto"``, an unset
+    ``server.lr`` and a method's fixed client lr replaced by what the round uses.
+
+    Returns:
+      ``{"client.optimizer", "client.lr", "server.optimizer", "server.lr"}``.
+    """
+    method = get_method(cfg.method)
+    server_name = method.server if cfg.server.optimizer == "auto" else cfg.server.optimizer
+    if server_name not in SERVER_DEFAULT_LR:
+        raise ValueError(
+            f"server.optimizer={server_name!r} is unknown; choose 'auto' or one of "
+            f"{', '.join(server_lib.SERVER_OPTIMIZERS)}."
+        )
+    return {
+        "client.optimizer": method.client
+        if cfg.client.optimizer == "auto"
+        else cfg.client.optimizer,
+        "client.lr": method.client_lr if method.client_lr is not None else cfg.client.lr,
+        "server.optimizer": server_name,
+        "server.lr": cfg.server.lr if cfg.server.lr is not None else SERVER_DEFAULT_LR[server_name],
+    }
 
 
 def build_round_parts(cfg: Any, head_keys: tuple[str, ...] = ()) -> RoundParts:
@@ -191,15 +216,23 @@ def build_round_parts(cfg: Any, head_keys: tuple[str, ...] = ()) -> RoundParts:
             f"fwd.head={cfg.fwd.head!r} needs comm_mode='per_epoch' (per-iteration clients send "
             "only the K jvp scalars of one joint perturbation); set fwd.head='joint'."
         )
-    client_name = method.client if cfg.client.optimizer == "auto" else cfg.client.optimizer
-    client_lr = method.client_lr if method.client_lr is not None else cfg.client.lr
-    server_name = method.server if cfg.server.optimizer == "auto" else cfg.server.optimizer
-    if server_name not in SERVER_DEFAULT_LR:
-        raise ValueError(
-            f"server.optimizer={server_name!r} is unknown; choose 'auto' or one of "
-            f"{', '.join(server_lib.SERVER_OPTIMIZERS)}."
-        )
-    server_lr = cfg.server.lr if cfg.server.lr is not None else SERVER_DEFAULT_LR[server_name]
+    resolved = resolved_optimizers(cfg)
+    client_name, client_lr = resolved["client.optimizer"], resolved["client.lr"]
+    server_name, server_lr = resolved["server.optimizer"], resolved["server.lr"]
+    round_optimizer = cfg.get("per_iteration", {}).get("server_round_optimizer", False)
+    server_optimizer = server_lib.with_schedule(
+        server_lib.make_server_optimizer(
+            server_name, server_lr, cfg.server.b1, cfg.server.b2, cfg.server.tau
+        ),
+        cfg.server.get("schedule", "constant"),
+        cfg.rounds,
+        cfg.server.get("final_fraction", 0.0),
+    )
+    if cfg.comm_mode == "per_iteration" and not round_optimizer:
+        _check_no_round_optimizer(cfg)
+        # The plain form applies no round-level optimizer (core/round.py); FedAvg with lr 1 is
+        # what it amounts to, and keeps no state (no dead moments in the checkpoints).
+        server_optimizer = server_lib.make_server_optimizer("fedavg", 1.0)
     return RoundParts(
         estimator=ESTIMATORS[method.estimator](cfg, head_keys),
         client_optimizer=client_lib.make_client_optimizer(
@@ -210,18 +243,33 @@ def build_round_parts(cfg: Any, head_keys: tuple[str, ...] = ()) -> RoundParts:
             eps=cfg.client.eps,
             weight_decay=cfg.client.weight_decay,
         ),
-        server_optimizer=server_lib.with_schedule(
-            server_lib.make_server_optimizer(
-                server_name, server_lr, cfg.server.b1, cfg.server.b2, cfg.server.tau
-            ),
-            cfg.server.get("schedule", "constant"),
-            cfg.rounds,
-            cfg.server.get("final_fraction", 0.0),
-        ),
+        server_optimizer=server_optimizer,
         split=method.split,
         max_steps=method.max_steps,
         fwd_sigma=cfg.fwd.sigma if method.estimator == "forward" else None,
         client_var_threshold=(
             float(cfg.zo.fwdllm_client_var_threshold) if method.estimator == "fwdllm" else 0.0
         ),
+        per_iteration_round_optimizer=bool(round_optimizer),
     )
+
+
+def _check_no_round_optimizer(cfg: Any) -> None:
+    """Per-iteration mode without a round-level optimizer ignores the server.* settings: refuse
+    explicit ones rather than run something other than what the config says."""
+    set_fields = [
+        f"server.{k}={v!r}"
+        for k, v, default in (
+            ("optimizer", cfg.server.optimizer, "auto"),
+            ("lr", cfg.server.lr, None),
+            ("schedule", cfg.server.get("schedule", "constant"), "constant"),
+        )
+        if v != default
+    ]
+    if set_fields:
+        raise ValueError(
+            f"{', '.join(set_fields)} has no effect with comm_mode='per_iteration': its plain "
+            "form steps only the per-step optimizer (client.optimizer/client.lr). Drop it, or set "
+            "per_iteration.server_round_optimizer=True to also apply the server optimizer to each "
+            "round's net change."
+        )

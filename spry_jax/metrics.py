@@ -27,6 +27,7 @@ def brief(record: dict[str, Any]) -> str:
         "eval/personalized_accuracy",
         "eval/generalized_exact_match",
         "eval/generalized_f1",
+        "eval/personalized_f1",
         "eval/all_clients_accuracy",
         "eval/all_clients_f1",
         "eval/all_clients_val_accuracy",

@@ -1,6 +1,7 @@
 """``train_and_evaluate(config, workdir)``: the one round loop.
 
-restore -> sample clients -> pack -> round (one XLA program) -> log -> evaluate -> checkpoint.
+restore -> sample clients -> pack -> round (one XLA program) -> log -> evaluate -> checkpoint,
+then the final evaluation of the final global model (:func:`evaluate_final`).
 It never branches on dataset, model or method names: those are resolved by the data registry,
 the model registry and the algorithm table.
 """
@@ -147,6 +148,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         fwd_sigma=parts.fwd_sigma,
         client_var_threshold=parts.client_var_threshold,
         eval_fn=tasks.make_eval_fn(model) if fed.task == "classification" else None,
+        per_iteration_round_optimizer=parts.per_iteration_round_optimizer,
     )
     b = config.client.batch_size
     max_train = max(len(t["input_ids"]) for t in fed.train)
@@ -161,20 +163,71 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     )
 
 
+# Config fields (top-level names or groups) a resume may change: they decide what is evaluated,
+# saved and logged, or on which devices the same program runs -- never the trajectory (the four
+# round backends give the same numbers, tests/core/test_round.py). Every other field, including
+# any added later, is part of a checkpoint's identity, so a forgotten field refuses a resume
+# rather than silently continuing a different experiment. ``rounds`` is handled apart.
+RESUMABLE_FIELDS = (
+    "rounds",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "eval_batch_size",
+    "eval_all_clients",
+    "log_memory",
+    "round",
+    "resume_allow_schedule_change",
+)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"server.optimizer": ..., ...}`` from a (nested) ConfigDict or dict."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, (ml_collections.ConfigDict, dict)):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _identity(exp: Experiment) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed (the base weights themselves are not saved)."""
+    """What a checkpoint must match to be resumed: every config field that changes the
+    trajectory (all but :data:`RESUMABLE_FIELDS`; optimizers as they resolve, so ``auto`` equals
+    the name it stands for), ``rounds`` where the server schedule depends on it, and
+    fingerprints of the frozen base and of the data partition (neither is saved)."""
     c = exp.config
-    identity = {
-        "method": c.method,
-        "comm_mode": c.comm_mode,
-        "model": c.model.name,
-        "model_fingerprint": models_fingerprint(exp.model),
-        "peft": c.peft.to_dict(),
-        "data_fingerprint": exp.fed.fingerprint,
-        "seed": c.seed,
-        "clients_per_round": c.clients_per_round,
-    }
+    identity = {k: v for k, v in _flatten(c).items() if k.split(".")[0] not in RESUMABLE_FIELDS}
+    identity.update(methods.resolved_optimizers(c))
+    # Extending a run resumes it bit-identically unless the server schedule is spread over
+    # ``rounds``; only then does ``rounds`` take part (None = free to change).
+    identity["rounds"] = c.rounds if c.server.schedule != "constant" else None
+    identity["model_fingerprint"] = models_fingerprint(exp.model)
+    identity["data_fingerprint"] = exp.fed.fingerprint
     return json.loads(json.dumps(identity))  # as it reads back from JSON (tuples -> lists)
+
+
+def restore(
+    exp: Experiment, manager: ckpt_lib.Checkpointer, template: round_lib.ServerState
+) -> tuple[round_lib.ServerState, int] | None:
+    """The newest checkpoint of this experiment (None if there is none).
+
+    Raises:
+      CheckpointMismatchError: it is of a different experiment (the message names the fields,
+        both values and the fix); a changed ``rounds`` under a rounds-dependent server schedule
+        counts unless ``resume_allow_schedule_change``.
+    """
+    c = exp.config
+    ignore = ("rounds",) if c.resume_allow_schedule_change else ()
+    hint = (
+        f"server.schedule={c.server.schedule!r} scales the server step by a factor that runs "
+        "from 1 at round 0 to server.final_fraction at round rounds-1, so a new rounds changes "
+        "the factor of every round still to run (round r gets factor(r / (new rounds - 1)) "
+        "instead of factor(r / (old rounds - 1)); the rounds already run keep theirs). Set "
+        "--config.resume_allow_schedule_change=True to continue on the stretched schedule."
+    )
+    return manager.restore_latest(template, _identity(exp), ignore=ignore, hints={"rounds": hint})
 
 
 def models_fingerprint(model: SplitModel) -> str:
@@ -207,6 +260,53 @@ def _is_eval_round(config: ml_collections.ConfigDict, r: int) -> bool:
 def _is_checkpoint_round(config: ml_collections.ConfigDict, r: int) -> bool:
     last = r == config.rounds - 1
     return last or (config.checkpoint_every > 0 and (r + 1) % config.checkpoint_every == 0)
+
+
+def run_round(
+    exp: Experiment, state: round_lib.ServerState, frozen: Any, evaluate: bool
+) -> tuple[round_lib.ServerState, dict[str, Any], dict[str, float]]:
+    """Round ``state.round`` (its clients, batches and key are deterministic in (seed, round)).
+
+    Returns:
+      ``(new state, round metrics, evaluation)``; the evaluation is ``{}`` unless ``evaluate``.
+      It is of the model the round starts from, ``state.params`` (the global model after
+      ``state.round`` rounds; ``eval/model_after_rounds`` says so): ``eval/generalized_*`` of
+      that model on the round's sampled clients' local test splits, ``eval/personalized_*`` of
+      each of those clients' models after its local training in this round, example-weighted
+      (REFERENCE.md §2 "Evaluation"). Classification in the round program; QA (SQuAD v2 exact
+      match / F1) on the host, the personalized figures from the round's per-client deltas.
+    """
+    r = int(state.round)
+    clients = exp.sample_clients(r)
+    batches = exp.round_batches(r, clients)
+    in_program = evaluate and exp.spec.eval_fn is not None
+    qa = evaluate and exp.fed.task == "qa"
+    eval_batches = exp.eval_batches(clients) if in_program else None
+    # Per-client deltas only on QA eval rounds: num_slots copies of the trainable weights.
+    new_state, m = exp.round_fn(state, frozen, batches, None, eval_batches, client_deltas=qa)
+    evaluation: dict[str, float] = {}
+    if in_program:
+        evaluation = _eval_record(m)
+    elif qa:
+        evaluation = {
+            **evaluate_qa(exp, state.params, frozen, clients),
+            **evaluate_qa(exp, state.params, frozen, clients, m["client_deltas"]),
+        }
+    if evaluation:
+        evaluation["eval/model_after_rounds"] = r
+    return new_state, m, evaluation
+
+
+def evaluate_final(exp: Experiment, state: round_lib.ServerState, frozen: Any) -> dict[str, float]:
+    """The evaluation of the final global model ``state.params``: what round ``state.round``
+    (the next one, were the run extended) reports at its start -- generalized on its sampled
+    clients, personalized after their local training -- computed by that round's program with
+    its update discarded. So ``eval/model_after_rounds`` = the rounds run, and an extended run
+    that evaluates that round records these figures again. ``{}`` for a task without a
+    per-round evaluation (causal LM)."""
+    if exp.spec.eval_fn is None and exp.fed.task != "qa":
+        return {}
+    return run_round(exp, state, frozen, evaluate=True)[2]
 
 
 def _eval_record(metrics: dict[str, Any]) -> dict[str, float]:
@@ -262,25 +362,44 @@ def evaluate_all_clients(
 
 
 def evaluate_qa(
-    exp: Experiment, params: Any, frozen: Any, clients: np.ndarray, split: str = "test"
+    exp: Experiment,
+    params: Any,
+    frozen: Any,
+    clients: np.ndarray,
+    client_deltas: dict[str, Any] | None = None,
+    split: str = "test",
 ) -> dict[str, float]:
-    """SQuAD v2 exact match / F1 (percent) of ``params`` on the clients' local test (or
-    ``split="val"``: validation) features, with the standard n-best post-processing (host
-    side)."""
+    """SQuAD v2 exact match / F1 (percent) on the clients' local test (or ``split="val"``:
+    validation) features, with the standard n-best post-processing (host side), over the union
+    of their examples.
+
+    Args:
+      params: the global trainable weights.
+      clients: the clients whose splits are scored.
+      client_deltas: None: score ``params`` (``eval/generalized_*``). Else
+        ``{leaf: [num_slots, ...]}`` from ``round_fn(..., client_deltas=True)`` with slot ``i``
+        = ``clients[i]``: client ``clients[i]`` is scored with its own model
+        ``params + delta[i]`` (``eval/personalized_*``).
+      split: ``"test"`` or ``"val"``.
+    """
     apply = jax.jit(lambda p, ids, m: exp.model.apply_fn(p, frozen, ids, m, None))
     bs = exp.config.eval_batch_size
     ds = exp.fed.dataset
+    name = "generalized" if client_deltas is None else "personalized"
     preds: dict[int, str] = {}
-    for c in clients:
+    for slot, c in enumerate(clients):
         t = getattr(exp.fed, split)[c]
         n = len(t["input_ids"])
         if n == 0:
             continue
+        p = params
+        if client_deltas is not None:
+            p = {k: np.asarray(params[k]) + np.asarray(client_deltas[k][slot]) for k in params}
         logits = []
         for i in range(0, n, bs):
             ids, m = t["input_ids"][i : i + bs], t["attention_mask"][i : i + bs]
             pad = bs - len(ids)
-            out = apply(params, np.pad(ids, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0))))
+            out = apply(p, np.pad(ids, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0))))
             logits.append(np.asarray(out)[: len(ids)])
         logits = np.concatenate(logits)
         preds.update(
@@ -291,8 +410,8 @@ def evaluate_qa(
     refs = {ex: list(ds.answers[ex]["text"]) for ex in preds}
     scores = data_lib.squad_v2_metrics(preds, refs)
     return {
-        "eval/generalized_exact_match": float(scores["exact"]),
-        "eval/generalized_f1": float(scores["f1"]),
+        f"eval/{name}_exact_match": float(scores["exact"]),
+        f"eval/{name}_f1": float(scores["f1"]),
         "eval/examples": float(len(preds)),
     }
 
@@ -310,9 +429,12 @@ def client_step_memory(exp: Experiment) -> dict[str, int | float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) an experiment in ``workdir``; returns the summary.
 
-    Writes ``config.json``, ``metrics.jsonl`` (one record per round), ``checkpoints/`` (orbax)
-    and ``summary.json``. Rerunning the same command resumes from the last checkpoint; the
-    metrics of rounds after it are recomputed bit-for-bit.
+    Writes ``config.json``, ``metrics.jsonl`` (one record per round; on eval rounds the eval
+    fields are of the model that round starts from, see :func:`run_round`), ``checkpoints/``
+    (orbax) and ``summary.json``, whose ``final`` is entirely of the final global model:
+    :func:`evaluate_final` plus ``eval/all_clients_*``. Rerunning the same command resumes from
+    the last checkpoint (refused if the experiment changed, :func:`restore`); the metrics of
+    rounds after it are recomputed bit-for-bit.
     """
     config = ml_collections.ConfigDict(config)
     config_lib.validate(config)
@@ -322,7 +444,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     identity = _identity(exp)
     state = exp.init_state()
     manager = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
-    restored = manager.restore_latest(state, identity)
+    restored = restore(exp, manager, state)
     start = 0
     if restored is not None:
         state, start = restored
@@ -347,18 +469,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         exp.num_steps,
         time.time() - t_build,
     )
-    last_eval: dict[str, float] = log.last_eval()
     frozen = exp.replicate(exp.model.frozen)
     wall0 = time.time()
     for r in range(start, config.rounds):
         t0 = time.time()
-        clients = exp.sample_clients(r)
-        batches = exp.round_batches(r, clients)
-        do_eval = _is_eval_round(config, r)
-        in_program_eval = do_eval and exp.spec.eval_fn is not None
-        eval_batches = exp.eval_batches(clients) if in_program_eval else None
-        params_before = state.params
-        new_state, m = exp.round_fn(state, frozen, batches, None, eval_batches)
+        new_state, m, evaluation = run_round(exp, state, frozen, _is_eval_round(config, r))
         loss = float(m["train/loss"])
         if not (math.isfinite(loss) and bool(_all_finite(new_state.params))):
             what = (
@@ -366,7 +481,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
             raise FloatingPointError(
                 f"{what} after round {r}; stopping without saving. The last good checkpoint in "
-                f"{manager.directory} is intact. Lower client.lr (or fwd.sigma) and rerun."
+                f"{manager.directory} is intact. Lower client.lr (or fwd.sigma) and rerun with a "
+                "new --workdir (with another lr it is another experiment; this checkpoint would "
+                "refuse it)."
             )
         state = new_state
         seconds = time.time() - t0
@@ -387,12 +504,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 record[key] = float(m[key])
         if r == 0 and memory:
             record.update({f"memory/client_step_{k}": v for k, v in memory.items()})
-        if in_program_eval:
-            last_eval = _eval_record(m)
-        elif do_eval and exp.fed.task == "qa":
-            last_eval = evaluate_qa(exp, params_before, frozen, clients)
-        if do_eval:
-            record.update(last_eval)
+        record.update(evaluation)
         log.append(record)
         board.write(record)
         progress.update(record)
@@ -400,17 +512,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if _is_checkpoint_round(config, r):
             manager.save(r + 1, state, identity)
     manager.close()
-    final = dict(last_eval)
-    if config.eval_all_clients and config.rounds > 0:
-        whole = evaluate_all_clients(exp, state.params, frozen)
-        final.update(whole)
-        board.write({"round": config.rounds - 1, **whole})
-        logging.info("after round %d: %s", config.rounds - 1, metrics_lib.brief(whole))
+    # Every figure in summary.json's "final" is of the final global model (after all rounds).
+    final = evaluate_final(exp, state, frozen)
+    if config.eval_all_clients:
+        final.update(evaluate_all_clients(exp, state.params, frozen))
+    done = int(state.round)
+    # TensorBoard step r of an eval scalar is the model after r rounds, so the final model is r=R.
+    board.write({"round": done, **final})
+    logging.info("final model, after %d rounds: %s", done, metrics_lib.brief(final))
     if config.data.get("val_fraction", 0.0) > 0 and config.rounds > 0:
         val = evaluate_all_clients(exp, state.params, frozen, split="val")
         final.update(val)
-        board.write({"round": config.rounds - 1, **val})
-        logging.info("after round %d: %s", config.rounds - 1, metrics_lib.brief(val))
+        board.write({"round": done, **val})
+        logging.info("final model, after %d rounds: %s", done, metrics_lib.brief(val))
     board.close()
     progress.close()
     if log.records:

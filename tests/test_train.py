@@ -6,12 +6,16 @@ import os
 import subprocess
 import sys
 
+import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from spry_jax import config as config_lib
 from spry_jax import train
 from spry_jax.checkpoint import CheckpointMismatchError
+from spry_jax.core import client as C
+from spry_jax.core import round as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,6 +133,177 @@ def test_all_clients_eval_matches_a_per_example_recomputation(tmp_path):
     assert final["eval/all_clients_loss"] == pytest.approx(losses / count, rel=1e-4)
 
 
+def _restore(exp, workdir):
+    from spry_jax import checkpoint as ckpt_lib
+
+    manager = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), 2)
+    state, _ = manager.restore_latest(exp.init_state(), train._identity(exp))
+    manager.close()
+    return state
+
+
+def _client_models(exp, state, clients):
+    """Each client's model after its local training in round ``state.round``, one client at a
+    time through the plain client update (not the round program)."""
+    spec = exp.spec
+    masks, keys = R._masks_and_keys(spec, jax.random.fold_in(state.rng, state.round))
+    batches = exp.round_batches(int(state.round), clients)
+    update = jax.jit(C.make_client_update(spec.loss_fn, spec.estimator, spec.client_optimizer))
+    context = {"round": state.round, "guide": state.last_delta}
+    models = []
+    for i in range(len(clients)):
+        res = update(
+            state.params,
+            exp.model.frozen,
+            {k: m[i] for k, m in masks.items()},
+            {k: v[i] for k, v in batches.items() if k != "step_mask"},
+            batches["step_mask"][i],
+            keys[i],
+            context,
+        )
+        models.append(
+            {k: np.asarray(state.params[k]) + np.asarray(res.delta[k]) for k in res.delta}
+        )
+    return models
+
+
+def _accuracy_and_loss(exp, models, clients):
+    """Example-weighted accuracy and mean loss of ``models[i]`` on client ``clients[i]``'s test
+    split, one example at a time with a float64 numpy softmax."""
+    correct = losses = count = 0
+    for params, c in zip(models, clients, strict=True):
+        t = exp.fed.test[c]
+        for i in range(len(t["labels"])):
+            logits = np.asarray(
+                exp.model.apply_fn(
+                    params,
+                    exp.model.frozen,
+                    t["input_ids"][i : i + 1],
+                    t["attention_mask"][i : i + 1],
+                    None,
+                ),
+                np.float64,
+            )[0]
+            y = int(t["labels"][i])
+            correct += int(np.argmax(logits) == y)
+            losses += np.log(np.sum(np.exp(logits - logits.max()))) + logits.max() - logits[y]
+            count += 1
+    return correct / count, losses / count
+
+
+def test_final_figures_are_of_the_final_model(tmp_path):
+    cfg = _smoke(rounds=2, log_memory=False)
+    summary = train.train_and_evaluate(cfg, str(tmp_path))
+    final = summary["final"]
+    exp = train.build_experiment(cfg)
+    state = _restore(exp, tmp_path)
+    assert int(state.round) == 2
+    # The final model is evaluated as the round it would start next (round 2) does: on that
+    # round's sampled clients, before (generalized) and after (personalized) local training.
+    clients = exp.sample_clients(2)
+    gen_acc, gen_loss = _accuracy_and_loss(exp, [state.params] * len(clients), clients)
+    per_acc, per_loss = _accuracy_and_loss(exp, _client_models(exp, state, clients), clients)
+    assert final["eval/generalized_accuracy"] == pytest.approx(gen_acc, abs=1e-9)
+    assert final["eval/generalized_loss"] == pytest.approx(gen_loss, rel=1e-4)
+    assert final["eval/personalized_accuracy"] == pytest.approx(per_acc, abs=1e-9)
+    assert final["eval/personalized_loss"] == pytest.approx(per_loss, rel=1e-4)
+    assert final["eval/model_after_rounds"] == 2
+    # Per-round records measure the model each round starts from.
+    assert [r["eval/model_after_rounds"] for r in _records(tmp_path)] == [0, 1]
+
+
+_WORDS = (
+    "red green blue river stone cloud north south quiet bright old young tall small warm".split()
+)
+
+
+def _write_squad(path, per_title=10, seed=0):
+    """Two articles of short answerable questions in the SQuAD v2 JSON layout: big enough test
+    splits that the EM/F1 of a random model and of its locally trained copies differ."""
+    rng = np.random.default_rng(seed)
+    data = []
+    for title in ("Alpha", "Beta"):
+        paragraphs = []
+        for j in range(per_title):
+            prefix = " ".join(rng.choice(_WORDS, 6))
+            answer = " ".join(rng.choice(_WORDS, 4))
+            context = f"{prefix} {answer} {' '.join(rng.choice(_WORDS, 6))}."
+            qa = {
+                "id": f"{title}-{j}",
+                "question": f"which words follow item {j}?",
+                "answers": [{"text": answer, "answer_start": len(prefix) + 1}],
+                "is_impossible": False,
+            }
+            paragraphs.append({"context": context, "qas": [qa]})
+        data.append({"title": title, "paragraphs": paragraphs})
+    path.write_text(json.dumps({"version": "v2.0", "data": data}))
+
+
+def _qa_scores(exp, models, clients):
+    """SQuAD v2 EM/F1 of ``models[i]`` on client ``clients[i]``'s test features, one feature
+    at a time, then the standard n-best post-processing."""
+    from spry_jax import data as data_lib
+
+    ds = exp.fed.dataset
+    preds = {}
+    for params, c in zip(models, clients, strict=True):
+        t = exp.fed.test[c]
+        logits = np.concatenate(
+            [
+                np.asarray(
+                    exp.model.apply_fn(
+                        params,
+                        exp.model.frozen,
+                        t["input_ids"][i : i + 1],
+                        t["attention_mask"][i : i + 1],
+                        None,
+                    )
+                )
+                for i in range(len(t["input_ids"]))
+            ]
+        )
+        preds.update(
+            data_lib.postprocess_qa(
+                logits[..., 0], logits[..., 1], t["offsets"], t["example_index"], ds.text_pairs
+            )
+        )
+    refs = {ex: list(ds.answers[ex]["text"]) for ex in preds}
+    scores = data_lib.squad_v2_metrics(preds, refs)
+    return scores["exact"], scores["f1"]
+
+
+def test_personalized_qa_is_each_clients_model_after_local_training(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "squad_v2", os.path.join(ROOT, "experiments/squad_v2.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config("local")
+    _write_squad(tmp_path / "squad.json")
+    cfg.data.path = str(tmp_path / "squad.json")
+    cfg.data.test_fraction = 0.5
+    cfg.rounds, cfg.clients_per_round = 1, 1  # the round's figure is one client's
+    cfg.log_memory, cfg.eval_all_clients = False, False
+    cfg.client.lr = 0.05  # far enough from the global model that the predictions change
+    workdir = tmp_path / "run"
+    summary = train.train_and_evaluate(cfg, str(workdir))
+    exp = train.build_experiment(cfg)
+    # Round 0 (from the initial model) and the final evaluation (from the final checkpoint).
+    for record, state in (
+        (_records(workdir)[0], exp.init_state()),
+        (summary["final"], _restore(exp, workdir)),
+    ):
+        clients = exp.sample_clients(int(state.round))
+        assert record["eval/model_after_rounds"] == int(state.round)
+        gen = _qa_scores(exp, [state.params], clients)
+        per = _qa_scores(exp, _client_models(exp, state, clients), clients)
+        assert gen != per, "the test needs personalized predictions that differ"
+        got_gen = (record["eval/generalized_exact_match"], record["eval/generalized_f1"])
+        got_per = (record["eval/personalized_exact_match"], record["eval/personalized_f1"])
+        assert got_gen == pytest.approx(gen, abs=1e-9)
+        assert got_per == pytest.approx(per, abs=1e-9)
+
+
 def test_eval_checkpoints_script_scores_each_saved_round(tmp_path):
     spec = importlib.util.spec_from_file_location(
         "eval_checkpoints", os.path.join(ROOT, "scripts/eval_checkpoints.py")
@@ -149,13 +324,88 @@ def test_checkpoint_from_another_method_is_refused(tmp_path):
         train.train_and_evaluate(_smoke(rounds=2, method="fedfgd"), str(tmp_path))
 
 
-def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    train.train_and_evaluate(_smoke(rounds=1), str(tmp_path))
-    before = _records(tmp_path)
+_FAST = {"log_memory": False, "eval_all_clients": False}
+
+
+@pytest.fixture(scope="module")
+def one_round(tmp_path_factory):
+    """A workdir with the checkpoint after round 0 of the smoke config."""
+    workdir = tmp_path_factory.mktemp("one_round")
+    train.train_and_evaluate(_smoke(rounds=1, **_FAST), str(workdir))
+    return workdir
+
+
+@pytest.mark.parametrize(
+    "field,new,old",
+    [
+        ("server.optimizer", "fedadam", "fedyogi"),  # 'auto' resolves to Spry's FedYogi
+        ("fwd.num_tangents", 2, 1),
+        ("client.lr", 2e-3, 1e-3),
+        ("split.tensors_per_unit", 1, 2),
+        ("zo.eps", 1e-2, 1e-3),
+        ("seed", 1, 0),
+    ],
+)
+def test_resume_refuses_a_changed_trajectory_field(one_round, field, new, old):
+    before = sorted(os.listdir(one_round / "checkpoints")), _records(one_round)
+    with pytest.raises(CheckpointMismatchError) as err:
+        train.train_and_evaluate(_smoke(rounds=2, **_FAST, **{field: new}), str(one_round))
+    message = str(err.value)
+    assert f"{field}: checkpoint has {old!r}, config has {new!r}" in message
+    assert "new --workdir" in message
+    assert (sorted(os.listdir(one_round / "checkpoints")), _records(one_round)) == before
+
+
+def test_resume_allows_more_rounds_and_non_trajectory_changes(tmp_path):
+    train.train_and_evaluate(_smoke(rounds=1, **_FAST), str(tmp_path))
+    changed = {
+        "eval_every": 2,
+        "checkpoint_every": 2,
+        "keep_checkpoints": 3,
+        "eval_batch_size": 5,
+        "eval_all_clients": True,
+        "round.backend": "loop",
+    }
+    train.train_and_evaluate(_smoke(rounds=2, log_memory=True, **changed), str(tmp_path))
+    assert [r["round"] for r in _records(tmp_path)] == [0, 1]
+
+
+def test_a_rounds_dependent_schedule_refuses_more_rounds_unless_allowed(tmp_path):
+    cosine = {**_FAST, "server.schedule": "cosine"}
+    train.train_and_evaluate(_smoke(rounds=1, **cosine), str(tmp_path))
+    with pytest.raises(CheckpointMismatchError) as err:
+        train.train_and_evaluate(_smoke(rounds=2, **cosine), str(tmp_path))
+    message = str(err.value)
+    assert "rounds: checkpoint has 1, config has 2" in message
+    assert "server.schedule='cosine'" in message and "resume_allow_schedule_change" in message
+    assert [r["round"] for r in _records(tmp_path)] == [0]
+    allowed = {**cosine, "resume_allow_schedule_change": True}
+    train.train_and_evaluate(_smoke(rounds=2, **allowed), str(tmp_path))
+    assert [r["round"] for r in _records(tmp_path)] == [0, 1]
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    # A diverging config stops before anything is saved.
+    diverging = tmp_path / "diverging"
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         train.train_and_evaluate(
-            _smoke(rounds=3, **{"client.lr": 1e38, "fwd.sigma": 1e10}), str(tmp_path)
+            _smoke(rounds=3, **{"client.lr": 1e38, "fwd.sigma": 1e10}), str(diverging)
         )
+    assert [p for p in os.listdir(diverging / "checkpoints") if p.isdigit()] == []
+    # A blow-up after a checkpoint keeps it. The same experiment must blow up there (resuming
+    # with another lr is refused), so round 1 starts from non-finite weights.
+    train.train_and_evaluate(_smoke(rounds=1), str(tmp_path))
+    before = _records(tmp_path)
+    real_round = train.run_round
+
+    def blow_up(exp, state, frozen, evaluate):
+        if int(state.round) >= 1:
+            state = state._replace(params=jax.tree.map(lambda x: x * np.inf, state.params))
+        return real_round(exp, state, frozen, evaluate)
+
+    monkeypatch.setattr(train, "run_round", blow_up)
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        train.train_and_evaluate(_smoke(rounds=3), str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
     assert _records(tmp_path) == before
 
@@ -171,11 +421,27 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         ({"comm_mode": "per_iteration", "method": "fedavg"}, "comm_mode"),
         ({"fwd.num_tangents": 0}, "fwd.num_tangents"),
         ({"server.optimizer": "fedprox"}, "server.optimizer"),
+        # Per-iteration's plain form has no round-level optimizer to configure.
+        ({"comm_mode": "per_iteration", "server.optimizer": "fedadam"}, "server.optimizer"),
+        ({"comm_mode": "per_iteration", "server.schedule": "cosine"}, "server.schedule"),
     ],
 )
 def test_invalid_configs_are_rejected_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         config_lib.validate(_smoke(**overrides))
+
+
+def test_per_iteration_server_settings_apply_with_the_round_optimizer_option():
+    cfg = _smoke(
+        comm_mode="per_iteration",
+        **{"server.optimizer": "fedadam", "per_iteration.server_round_optimizer": True},
+    )
+    config_lib.validate(cfg)
+    exp = train.build_experiment(cfg)
+    assert exp.spec.per_iteration_round_optimizer
+    assert not train.build_experiment(
+        _smoke(comm_mode="per_iteration")
+    ).spec.per_iteration_round_optimizer
 
 
 def test_unknown_model_is_rejected_clearly(tmp_path):

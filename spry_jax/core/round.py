@@ -16,12 +16,32 @@ Backends (``round.backend``): ``shard_map`` (one program over all devices; the d
 as fedjax's jit backend -- the fair speed baseline) and ``debug`` (a Python loop with
 ``jax.disable_jit()``, for pdb and prints). All give the same numbers.
 
-``comm_mode='per_iteration'`` (Spry §3.2): every local step each client sends only its K jvp
-scalars; the server regenerates the tangents from (round key, client, step), rebuilds each unit's
-gradient averaged over the unit's clients and steps one shared optimizer (one state per leaf:
-a leaf no active client trained this step keeps its weights and optimizer state). Clients
-therefore stay synchronised every step; the round's net change then goes through the server
-optimizer like a per-epoch delta.
+Which optimizer steps when:
+
+* ``comm_mode='per_epoch'`` (the default; REFERENCE.md §2): per local step, each client's own
+  ``client_optimizer`` (``client.optimizer``/``client.lr``, AdamW; state fresh every round) steps
+  on that client's gradient estimate, its units only. Per round, ``server_optimizer``
+  (``server.optimizer``, e.g. FedYogi) steps once on ``-delta``, the per-unit mean of the
+  clients' updates.
+* ``comm_mode='per_iteration'`` (Spry §3.2): every local step each client sends only its K jvp
+  scalars; the server regenerates the tangents from (round key, client, step), rebuilds each
+  unit's gradient averaged over the unit's clients and steps ``client_optimizer`` (the same
+  ``client.optimizer``/``client.lr``, held by the server, state fresh every round so that a
+  client replays it from the round's start weights and the broadcast scalars; one state per
+  leaf: a leaf no active client trained this step keeps its weights and optimizer state). Clients therefore
+  stay synchronised every step. Per round, by default (``per_iteration_round_optimizer=False``,
+  the paper's plain form), nothing more: the weights after the round's last step are the new
+  global model and ``server_optimizer`` is not applied (its state is carried unchanged). With
+  ``per_iteration_round_optimizer=True`` (config ``per_iteration.server_round_optimizer``) the
+  round's net change ``delta = w_after_last_step - w_start`` also goes through
+  ``server_optimizer`` like a per-epoch delta: two optimizers, one per step and one per round.
+
+Evaluation (``eval_batches``, REFERENCE.md §2): "generalized" is the global model the round
+starts from (``state.params``, i.e. after ``state.round`` completed rounds, *before* this
+round's update) on the sampled clients' local test splits; "personalized" is each sampled
+client's model after its local training in this round, on its own test split. So the figures of
+round r describe the model after r rounds; the model after the last round is evaluated by a
+further, evaluation-only call (``spry_jax.train.evaluate_final``).
 """
 
 from __future__ import annotations
@@ -93,8 +113,12 @@ class RoundSpec:
       fwd_sigma: tangent standard deviation, needed to regenerate tangents (per-iteration).
       eval_fn: ``eval_fn(trainable, frozen, batch) -> {name: sum}`` (summed metrics, e.g.
         ``correct`` and ``count``); when the round gets ``eval_batches`` it reports the sums for
-        the global model before training (generalized) and for each client's model after its
-        local training (personalized), REFERENCE.md §2 "Evaluation".
+        the global model the round starts from, before its update (generalized), and for each
+        client's model after its local training (personalized), REFERENCE.md §2 "Evaluation".
+      per_iteration_round_optimizer: per-iteration only. False (the paper's plain form): the
+        server's weights after the round's last step become the global model as they are and
+        ``server_optimizer`` is not applied; True: the round's net change also goes through
+        ``server_optimizer`` (see the module docstring).
       client_var_threshold: FwdLLM+'s server-side client filter (per-epoch mode): each client
         reports its :func:`spry_jax.core.client.split_half_variance` and a client at or above
         the threshold is left out of the aggregate (weight zero; ``train/dropped_clients``
@@ -115,6 +139,7 @@ class RoundSpec:
     fwd_sigma: float | None = None
     eval_fn: Callable[..., dict[str, Array]] | None = None
     client_var_threshold: float = 0.0
+    per_iteration_round_optimizer: bool = False
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -244,31 +269,40 @@ def _per_epoch_contrib(spec: RoundSpec) -> Callable[..., tuple]:
                 "generalized": _eval_sums(spec.eval_fn, params, frozen, eval_batches),
                 "personalized": _eval_sums(spec.eval_fn, local, frozen, eval_batches),
             }
-        return num, den, stats, trainers
+        return (num, den, stats, trainers), res.delta
 
     return contrib
 
 
-def _per_epoch_program(spec: RoundSpec, axis: str | None) -> Callable[..., tuple]:
+def _stack(trees: list[PyTree]) -> PyTree:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _per_epoch_program(
+    spec: RoundSpec, axis: str | None, client_deltas: bool
+) -> Callable[..., tuple]:
     contrib = jax.vmap(_per_epoch_contrib(spec), in_axes=(None, None, 0, 0, 0, 0, 0, None))
 
     def body(params, frozen, masks, batches, step_mask, keys, eval_batches, context):
-        out = contrib(params, frozen, masks, batches, step_mask, keys, eval_batches, context)
-        return _psum(_tree_sum0(out), axis)
+        out, deltas = contrib(
+            params, frozen, masks, batches, step_mask, keys, eval_batches, context
+        )
+        return _psum(_tree_sum0(out), axis), (deltas if client_deltas else {})
 
     return body
 
 
-def _per_epoch_loop(spec: RoundSpec, jit: bool) -> Callable[..., tuple]:
+def _per_epoch_loop(spec: RoundSpec, jit: bool, client_deltas: bool) -> Callable[..., tuple]:
     contrib = _per_epoch_contrib(spec)
     if jit:
         contrib = jax.jit(contrib)
 
     def body(params, frozen, masks, batches, step_mask, keys, eval_batches, context):
         total = None
+        deltas = []
         for c in range(spec.num_slots):
             take = lambda t, c=c: jax.tree.map(lambda x: x[c], t)  # noqa: E731
-            out = contrib(
+            out, delta = contrib(
                 params,
                 frozen,
                 take(masks),
@@ -279,7 +313,8 @@ def _per_epoch_loop(spec: RoundSpec, jit: bool) -> Callable[..., tuple]:
                 context,
             )
             total = out if total is None else jax.tree.map(jnp.add, total, out)
-        return total
+            deltas.append(delta)
+        return total, (_stack(deltas) if client_deltas else {})
 
     return body
 
@@ -320,7 +355,18 @@ def _server_step(spec: RoundSpec, p, opt_state, num, den):
     return leafwise_step(spec.client_optimizer, grad, opt_state, p, {k: den[k] > 0 for k in p})
 
 
-def _per_iteration_program(spec: RoundSpec, axis: str | None) -> Callable[..., tuple]:
+def _shared_deltas(p_final: Trainable, params: Trainable, real: Array) -> Trainable:
+    """Per-iteration clients all hold the server's weights: each real slot's change is the same."""
+    return {
+        k: real.reshape((-1,) + (1,) * params[k].ndim).astype(params[k].dtype)
+        * (p_final[k] - params[k])[None]
+        for k in params
+    }
+
+
+def _per_iteration_program(
+    spec: RoundSpec, axis: str | None, client_deltas: bool
+) -> Callable[..., tuple]:
     client = jax.vmap(_client_jvps(spec), in_axes=(None, None, 0, 0, 0, None))
     server = jax.vmap(_server_contrib(spec), in_axes=(None, 0, 0, None, 0, 0))
 
@@ -367,13 +413,13 @@ def _per_iteration_program(spec: RoundSpec, axis: str | None) -> Callable[..., t
         # The step statistics were already summed over devices inside the scan.
         extra, trainers = _psum((extra, trainers), axis)
         stats.update(extra)
-        delta = {k: p_final[k] - params[k] for k in params}
-        return delta, stats, trainers
+        per_client = _shared_deltas(p_final, params, real) if client_deltas else {}
+        return (p_final, stats, trainers), per_client
 
     return body
 
 
-def _per_iteration_loop(spec: RoundSpec) -> Callable[..., tuple]:
+def _per_iteration_loop(spec: RoundSpec, client_deltas: bool) -> Callable[..., tuple]:
     client = _client_jvps(spec)
     server = _server_contrib(spec)
 
@@ -410,7 +456,8 @@ def _per_iteration_loop(spec: RoundSpec) -> Callable[..., tuple]:
                     out = _eval_sums(spec.eval_fn, w, frozen, b)
                     prev = stats["eval"][name]
                     stats["eval"][name] = out if prev is None else jax.tree.map(jnp.add, prev, out)
-        return {k: p[k] - params[k] for k in params}, stats, trainers
+        per_client = _shared_deltas(p, params, real) if client_deltas else {}
+        return (p, stats, trainers), per_client
 
     return body
 
@@ -426,13 +473,30 @@ def _shard(spec: RoundSpec, body: Callable[..., Any]) -> Callable[..., Any]:
         body,
         mesh=spec.mesh,
         in_specs=(P(), P(), clients, clients, clients, clients, clients, P()),
-        out_specs=P(),
+        # (the round's sums, replicated; the per-client deltas, split like the clients)
+        out_specs=(P(), clients),
         check_vma=False,
     )
 
 
+def _inner(spec: RoundSpec, client_deltas: bool) -> Callable[..., tuple]:
+    axis = CLIENT_AXIS if spec.backend == "shard_map" else None
+    program = spec.backend in ("shard_map", "vmap")
+    if spec.comm_mode == "per_epoch":
+        if program:
+            inner = _per_epoch_program(spec, axis, client_deltas)
+        else:
+            inner = _per_epoch_loop(spec, spec.backend == "loop", client_deltas)
+    elif program:
+        inner = _per_iteration_program(spec, axis, client_deltas)
+    else:
+        inner = _per_iteration_loop(spec, client_deltas)
+    return _shard(spec, inner) if spec.backend == "shard_map" else inner
+
+
 def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str, Array]]]:
-    """Builds ``round_fn(state, frozen, client_batches, key=None) -> (state, metrics)``.
+    """Builds ``round_fn(state, frozen, client_batches, key=None, eval_batches=None,
+    client_deltas=False) -> (state, metrics)``.
 
     ``client_batches`` holds the per-example leaves ``[num_slots, steps, batch, ...]`` and
     ``step_mask`` ``[num_slots, steps]``. ``key`` defaults to ``fold_in(state.rng, state.round)``.
@@ -442,21 +506,17 @@ def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str,
     out, 0 when it is off) and, with the filter on, ``train/client_variance`` (the mean
     reported variance over the real clients).
     With ``eval_batches`` (``[num_slots, steps, batch, ...]``, the sampled clients' local test
-    splits) it also has ``eval`` = ``{"generalized": sums, "personalized": sums}``.
+    splits) it also has ``eval`` = ``{"generalized": sums, "personalized": sums}``: generalized
+    of ``state.params`` (the model the round starts from), personalized of each client's model
+    after its local training. ``client_deltas=True`` (static; a second program, meant for eval
+    rounds only, as it returns ``num_slots`` copies of the trainable weights) adds
+    ``client_deltas`` = ``{leaf: [num_slots, ...]}``: each slot's local model minus
+    ``state.params`` (zero for padded slots; per-iteration: the server's shared change), for
+    host-side personalized evaluation (QA).
     """
-    axis = CLIENT_AXIS if spec.backend == "shard_map" else None
-    if spec.comm_mode == "per_epoch":
-        if spec.backend in ("shard_map", "vmap"):
-            inner = _per_epoch_program(spec, axis)
-        else:
-            inner = _per_epoch_loop(spec, jit=spec.backend == "loop")
-    else:
-        if spec.backend in ("shard_map", "vmap"):
-            inner = _per_iteration_program(spec, axis)
-        else:
-            inner = _per_iteration_loop(spec)
-    if spec.backend == "shard_map":
-        inner = _shard(spec, inner)
+    inners = {flag: _inner(spec, flag) for flag in (False, True)}
+    # In per-iteration mode the body returns the server's weights after the round's last step.
+    plain = spec.comm_mode == "per_iteration" and not spec.per_iteration_round_optimizer
 
     def round_fn(
         state: ServerState,
@@ -464,6 +524,7 @@ def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str,
         client_batches: Batch,
         key: Array | None = None,
         eval_batches: Batch | None = None,
+        client_deltas: bool = False,
     ):
         if eval_batches is not None:
             if spec.eval_fn is None:
@@ -475,20 +536,23 @@ def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str,
         step_mask = client_batches["step_mask"]
         # What estimators may read besides (f, params, mask, key): see client.ClientContext.
         context = {"round": state.round, "guide": state.last_delta}
+        out, per_client = inners[bool(client_deltas)](
+            state.params, frozen, masks, batches, step_mask, keys, eval_batches, context
+        )
         if spec.comm_mode == "per_epoch":
-            num, den, stats, trainers = inner(
-                state.params, frozen, masks, batches, step_mask, keys, eval_batches, context
-            )
+            num, den, stats, trainers = out
             delta = aggregation.finalize(num, den)
         else:
-            delta, stats, trainers = inner(
-                state.params, frozen, masks, batches, step_mask, keys, eval_batches, context
+            p_final, stats, trainers = out
+            delta = {k: p_final[k] - state.params[k] for k in state.params}
+        if plain:
+            params, opt_state = p_final, state.opt_state
+        else:
+            pseudo_grad = jax.tree.map(jnp.negative, delta)
+            updates, opt_state = spec.server_optimizer.update(
+                pseudo_grad, state.opt_state, state.params
             )
-        pseudo_grad = jax.tree.map(jnp.negative, delta)
-        updates, opt_state = spec.server_optimizer.update(
-            pseudo_grad, state.opt_state, state.params
-        )
-        params = optax.apply_updates(state.params, updates)
+            params = optax.apply_updates(state.params, updates)
         last_delta = {k: delta[k].astype(state.params[k].dtype) for k in state.params}
         new_state = ServerState(params, opt_state, state.round + 1, state.rng, last_delta)
         metrics = {
@@ -508,10 +572,12 @@ def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str,
             metrics["active_sq"] = stats["active_sq"]
         if "eval" in stats:
             metrics["eval"] = stats["eval"]
+        if client_deltas:
+            metrics["client_deltas"] = per_client
         return new_state, metrics
 
     if spec.backend in ("shard_map", "vmap"):
-        return jax.jit(round_fn)
+        return jax.jit(round_fn, static_argnames=("client_deltas",))
     if spec.backend == "debug":
 
         def debug_round_fn(*args, **kwargs):

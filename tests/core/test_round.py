@@ -28,6 +28,7 @@ def _spec(
     slots=SLOTS,
     tensors_per_unit=2,
     lr=1e-2,
+    round_optimizer=False,
 ):
     return R.RoundSpec(
         loss_fn=tasks.make_loss_fn(model),
@@ -44,6 +45,7 @@ def _spec(
         backend=backend,
         mesh=R.make_client_mesh() if backend == "shard_map" else None,
         fwd_sigma=1.0,
+        per_iteration_round_optimizer=round_optimizer,
     )
 
 
@@ -181,6 +183,111 @@ def test_backprop_round_runs_and_is_deterministic():
     for k in model.order:
         np.testing.assert_array_equal(a.params[k], b.params[k])
     assert np.isfinite(float(ma["train/loss"]))
+
+
+@pytest.mark.parametrize(
+    "mode,backend",
+    [
+        ("per_epoch", "vmap"),
+        ("per_epoch", "shard_map"),
+        ("per_epoch", "loop"),
+        ("per_iteration", "vmap"),
+        ("per_iteration", "shard_map"),
+    ],
+)
+def test_client_deltas_are_each_slots_local_change(mode, backend):
+    model = make_toy_model()
+    spec = _spec(model, backend, mode)
+    batches = _batches()
+    state = R.init_server_state(model.trainable, spec.server_optimizer, seed=0)
+    new_state, metrics = R.make_round_fn(spec)(state, model.frozen, batches, client_deltas=True)
+    deltas = metrics["client_deltas"]
+    if mode == "per_epoch":  # each client's own update, one client at a time
+        masks, keys = R._masks_and_keys(spec, jax.random.fold_in(state.rng, state.round))
+        update = jax.jit(C.make_client_update(spec.loss_fn, spec.estimator, spec.client_optimizer))
+        expected = []
+        for c in range(SLOTS):
+            res = update(
+                model.trainable,
+                model.frozen,
+                {k: m[c] for k, m in masks.items()},
+                {k: v[c] for k, v in batches.items() if k != "step_mask"},
+                batches["step_mask"][c],
+                keys[c],
+            )
+            expected.append(res.delta)
+    else:  # every real client holds the server's weights
+        shared = {k: new_state.params[k] - model.trainable[k] for k in model.order}
+        expected = [shared if c < M else jax.tree.map(jnp.zeros_like, shared) for c in range(SLOTS)]
+    for c in range(SLOTS):
+        for k in model.order:
+            assert deltas[k].shape == (SLOTS, *model.trainable[k].shape)
+            np.testing.assert_allclose(deltas[k][c], expected[c][k], atol=1e-6, err_msg=f"{c} {k}")
+    # Without the flag the round returns no per-client weights (and the same state).
+    plain_state, plain = R.make_round_fn(spec)(state, model.frozen, batches)
+    assert "client_deltas" not in plain
+    for k in model.order:
+        np.testing.assert_array_equal(plain_state.params[k], new_state.params[k])
+
+
+def _per_iteration_by_hand(spec, model, batches, state):
+    """The per-iteration round written out: at each step every client's own forward gradient
+    (``est.grad``, not regenerated from its jvp scalars), averaged per leaf over the clients that
+    hold it weighted by their examples, then one step of the per-step optimizer."""
+    masks, keys = R._masks_and_keys(spec, jax.random.fold_in(state.rng, state.round))
+    opt = spec.client_optimizer
+    p = dict(state.params)
+    opt_state = opt.init(p)
+    for t in range(batches["step_mask"].shape[1]):
+        num = {k: np.zeros(v.shape) for k, v in p.items()}
+        den = dict.fromkeys(p, 0.0)
+        for c in range(spec.num_slots):
+            batch = {k: v[c, t] for k, v in batches.items() if k != "step_mask"}
+            mask = {k: m[c] for k, m in masks.items()}
+            drop_key, est_key = C.step_keys(keys[c], t)
+            est = spec.estimator(
+                lambda w, b=batch, d=drop_key: spec.loss_fn(w, model.frozen, b, d), p, mask, est_key
+            )
+            weight = float(batches["step_mask"][c, t]) * float(np.sum(batch["example_mask"]))
+            for k in p:
+                num[k] += weight * float(mask[k]) * np.asarray(est.grad[k], np.float64)
+                den[k] += weight * float(mask[k])
+        grad = {k: jnp.asarray(num[k] / max(den[k], 1e-30), jnp.float32) for k in p}
+        updates, opt_state = opt.update(grad, opt_state, p)
+        p = {k: p[k] + (updates[k] if den[k] > 0 else 0.0) for k in p}
+    return p
+
+
+def test_per_iteration_default_is_the_per_step_optimizer_alone():
+    model = make_toy_model(dropout=0.1)
+    spec = _spec(model, "vmap", "per_iteration")  # server_optimizer FedYogi: must not be applied
+    batches = _batches()
+    state = R.init_server_state(model.trainable, spec.server_optimizer, seed=0)
+    new_state, _ = R.make_round_fn(spec)(state, model.frozen, batches)
+    expected = _per_iteration_by_hand(spec, model, batches, state)
+    for k in model.order:
+        np.testing.assert_allclose(new_state.params[k], expected[k], atol=2e-6, rtol=0, err_msg=k)
+        assert not np.allclose(expected[k], model.trainable[k], atol=1e-4), k
+    before, after = jax.tree.leaves(state.opt_state), jax.tree.leaves(new_state.opt_state)
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)  # no round-level optimizer step
+
+
+def test_per_iteration_round_optimizer_option_also_applies_the_server_optimizer():
+    model = make_toy_model(dropout=0.1)
+    spec = _spec(model, "vmap", "per_iteration", round_optimizer=True)
+    batches = _batches()
+    state = R.init_server_state(model.trainable, spec.server_optimizer, seed=0)
+    new_state, _ = R.make_round_fn(spec)(state, model.frozen, batches)
+    after_steps = _per_iteration_by_hand(spec, model, batches, state)
+    # The old two-optimizer form: Flower FedYogi (lr 1e-2) on the round's net change.
+    delta = {k: np.asarray(after_steps[k], np.float64) - model.trainable[k] for k in model.order}
+    m = {k: 0.1 * d for k, d in delta.items()}
+    v = {k: 0.01 * d * d for k, d in delta.items()}  # v0 = 0: v - 0.01 d^2 sign(0 - d^2)
+    for k in model.order:
+        expected = model.trainable[k] + 1e-2 * m[k] / (np.sqrt(v[k]) + 1e-3)
+        np.testing.assert_allclose(new_state.params[k], expected, atol=2e-6, rtol=0, err_msg=k)
+        assert not np.allclose(expected, after_steps[k], atol=1e-4), k
 
 
 def test_comm_bytes_per_epoch_and_per_iteration():
