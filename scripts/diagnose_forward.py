@@ -32,6 +32,7 @@ from absl import app, flags
 from spry_jax import checkpoint as ckpt_lib
 from spry_jax import data as data_lib
 from spry_jax import train
+from spry_jax.config import default_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "run directory with config.json", required=True)
@@ -55,7 +56,10 @@ def group_of(key: str, head_keys: tuple[str, ...]) -> str:
 def main(argv):
     del argv
     with open(os.path.join(FLAGS.workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        saved = ml_collections.ConfigDict(json.load(f))
+    # Over today's defaults, so a run written before a field was added still rebuilds.
+    config = default_config()
+    config.update(saved)
     exp = train.build_experiment(config)
     params = exp.model.trainable
     if FLAGS.step is not None:

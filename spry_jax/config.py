@@ -115,6 +115,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.round.num_devices = 0  # devices on the 'clients' mesh axis; 0 = all
     c.eval_batch_size = 64  # evaluation batch size
     c.eval_all_clients = True  # after the last round: global model on every client's test split
+    c.report = ml_collections.ConfigDict()
+    # JSON rows {"label", "accuracy", "ci95", "source"} printed beside this run when it ends
+    c.report.reference = ""  # e.g. the study figures a config is compared with; "" = none
     c.log_memory = True  # record XLA's memory estimate of one client step (compiles it once)
     return c
 

@@ -9,8 +9,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from spry_jax import train
-from spry_jax.reporting import QuietLibraries
+from spry_jax import reporting, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -23,7 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    logging.get_absl_handler().addFilter(QuietLibraries())
+    logging.get_absl_handler().addFilter(reporting.QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _MULTIHOST.value:
@@ -31,6 +30,9 @@ def main(argv):
     logging.info("JAX devices: %s", jax.devices())
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     logging.info("Done: %s", summary)
+    table = reporting.final_table(summary, _CONFIG.value.report.reference)
+    if table and jax.process_index() == 0:
+        print(table, flush=True)
 
 
 if __name__ == "__main__":

@@ -93,3 +93,41 @@ class Progress:
 
     def close(self) -> None:
         self._bar.close()
+
+
+def final_table(summary: dict[str, Any], reference: str = "") -> str:
+    """A short text table for the end of a run: this run's accuracy on all clients' test splits,
+    the majority class of the same snippets and, from ``reference`` (``report.reference``: a
+    JSON list of ``{"label", "accuracy", "ci95", "source"}`` rows), the figures the config is
+    compared with, each labelled with where it comes from. Empty for a run without the
+    all-clients evaluation (QA reports exact match / F1 in summary.json instead)."""
+    import json
+
+    final = summary.get("final", {})
+    if "eval/all_clients_accuracy" not in final:
+        return ""
+    rows = [
+        (
+            f"this run ({summary.get('method')}, {summary.get('rounds')} rounds)",
+            final["eval/all_clients_accuracy"],
+            None,
+            "this run",
+        ),
+        (
+            "majority class",
+            final.get("eval/all_clients_majority_accuracy", float("nan")),
+            None,
+            "same test snippets",
+        ),
+    ]
+    if reference:
+        with open(reference, encoding="utf-8") as f:
+            for row in json.load(f):
+                rows.append((row["label"], row["accuracy"], row.get("ci95"), row["source"]))
+    width = max(len(r[0]) for r in rows)
+    n = int(final.get("eval/all_clients_examples", 0))
+    lines = [f"Accuracy on all clients' test splits ({n} examples):"]
+    for label, acc, ci, source in rows:
+        spread = f" +- {ci:.3f}" if ci is not None else "        "
+        lines.append(f"  {label:<{width}}  {acc:.3f}{spread}  [{source}]")
+    return "\n".join(lines)

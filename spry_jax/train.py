@@ -177,6 +177,7 @@ RESUMABLE_FIELDS = (
     "eval_all_clients",
     "log_memory",
     "round",
+    "report",
     "resume_allow_schedule_change",
 )
 
@@ -354,10 +355,14 @@ def evaluate_all_clients(
         for k, v in out.items():
             sums[k] += float(v)
     count = max(sums["count"], 1.0)
+    # The control every accuracy stands beside: always predicting the split's commonest label.
+    labels = np.asarray(union["labels"]).reshape(-1)
+    majority = float(np.bincount(labels).max() / max(len(labels), 1)) if len(labels) else 0.0
     return {
         f"{prefix}accuracy": sums["correct"] / count,
         f"{prefix}loss": sums["loss_sum"] / count,
         f"{prefix}examples": sums["count"],
+        f"{prefix}majority_accuracy": majority,
     }
 
 

@@ -131,6 +131,9 @@ def test_all_clients_eval_matches_a_per_example_recomputation(tmp_path):
     )
     assert final["eval/all_clients_accuracy"] == pytest.approx(correct / count, abs=1e-9)
     assert final["eval/all_clients_loss"] == pytest.approx(losses / count, rel=1e-4)
+    labels = np.concatenate([t["labels"] for t in exp.fed.test])
+    counts = [int(np.sum(labels == y)) for y in np.unique(labels)]
+    assert final["eval/all_clients_majority_accuracy"] == pytest.approx(max(counts) / count)
 
 
 def _restore(exp, workdir):
