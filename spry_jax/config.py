@@ -6,6 +6,8 @@ need; ``--config.KEY=VALUE`` overrides any field on the command line.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -235,6 +237,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     val_fraction = config.data.get("val_fraction", 0.0)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    if config.report.reference and not os.path.isfile(config.report.reference):
+        raise ValueError(
+            f"report.reference={config.report.reference!r} is not a file; give the path of a "
+            "JSON list of reference rows, or set report.reference='' to print none."
+        )
     # Method/comm-mode compatibility and optimizer names are checked by building the parts.
     methods.build_round_parts(config)
     from spry_jax import data
