@@ -30,6 +30,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "ruff>=0.6",
             "torch==2.13.0",
             "nbclient>=0.10",
