@@ -8,6 +8,7 @@ pieces the round needs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -49,12 +50,29 @@ def _forward(cfg: Any) -> estimators.Estimator:
     return estimators.forward(cfg.fwd.num_tangents, cfg.fwd.sigma, cfg.fwd.tangent_batching)
 
 
+def _backprop_trace(*switches: Callable[[], Any]) -> Callable[[], Any]:
+    """The trace context of a backprop row: lazy dequantisation of a quantised base (every
+    backprop row; MeBP as published keeps no float copy of a kernel, arXiv 2510.03425) plus
+    the row's own model switches (per-layer remat, LoRA recompute)."""
+
+    @contextlib.contextmanager
+    def enter():
+        with contextlib.ExitStack() as stack:
+            for switch in (layers.lazy_dequant, *switches):
+                stack.enter_context(switch())
+            yield
+
+    return enter
+
+
 ESTIMATORS: dict[str, Callable[[Any], estimators.Estimator]] = {
     "forward": _forward,
-    "backprop": lambda cfg: estimators.backprop(remat=False),
-    "backprop_remat": lambda cfg: estimators.backprop_layer_remat(layers.layer_remat),
-    "backprop_mesp": lambda cfg: estimators.backprop_mesp(layers.lora_recompute),
-    "lcsb": lambda cfg: estimators.lcsb(cfg.lcsb.layers_per_step),
+    "backprop": lambda cfg: estimators.backprop(remat=False, trace_context=_backprop_trace()),
+    "backprop_remat": lambda cfg: estimators.backprop_layer_remat(
+        _backprop_trace(layers.layer_remat)
+    ),
+    "backprop_mesp": lambda cfg: estimators.backprop_mesp(_backprop_trace(layers.lora_recompute)),
+    "lcsb": lambda cfg: estimators.lcsb(cfg.lcsb.layers_per_step, _backprop_trace()),
     "mezo": lambda cfg: zero_order.spsa(cfg.zo.num_perturbations, cfg.zo.eps, "zo"),
     "baffle": lambda cfg: zero_order.spsa(
         cfg.zo.baffle_num_perturbations, cfg.zo.baffle_sigma, "zo.baffle"

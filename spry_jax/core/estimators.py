@@ -22,6 +22,7 @@ passes them as keyword arguments (:func:`spry_jax.core.client.estimator_kwargs`)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -86,19 +87,25 @@ def reconstruct_gradient(
     return contract(jvps, tangents)
 
 
-def backprop(remat: bool = False) -> Estimator:
+def backprop(
+    remat: bool = False, trace_context: Callable[[], Any] = contextlib.nullcontext
+) -> Estimator:
     """Exact gradient by reverse mode, masked to the client's units.
 
     Args:
       remat: wrap the whole loss in ``jax.checkpoint``. This does not lower peak memory (the
         backward pass recomputes the full forward and holds all its residuals); use
         :func:`backprop_layer_remat` for per-layer checkpoints.
+      trace_context: the loss is traced inside ``trace_context()`` (the methods table passes
+        the models' ``lazy_dequant`` switch: a quantised base is dequantised again in the
+        backward pass rather than kept in float).
     """
 
     def estimate(f: LossClosure, params: Trainable, mask: Trainable, key: Array) -> Estimate:
         del key
         fn = jax.checkpoint(f) if remat else f
-        loss, grad = jax.value_and_grad(fn)(params)
+        with trace_context():
+            loss, grad = jax.value_and_grad(fn)(params)
         return Estimate(loss, _mask_tree(grad, mask), jnp.zeros((0,), jnp.float32))
 
     return estimate
@@ -205,7 +212,9 @@ def lcsb_blocks(keys: list[str] | tuple[str, ...], layers_per_step: int) -> list
     return [[k for k in keys if layer_index(k) in set(g)] + always for g in groups]
 
 
-def lcsb(layers_per_step: int = 1) -> Estimator:
+def lcsb(
+    layers_per_step: int = 1, trace_context: Callable[[], Any] = contextlib.nullcontext
+) -> Estimator:
     """LCSB: layer-cyclic selective backprop (block coordinate descent on the PEFT weights).
 
     At global local step ``s`` (``round * steps_per_round + step``, so the cycle continues
@@ -217,6 +226,7 @@ def lcsb(layers_per_step: int = 1) -> Estimator:
 
     Args:
       layers_per_step: layers per block (``lcsb.layers_per_step``).
+      trace_context: the loss is traced inside ``trace_context()`` (as for :func:`backprop`).
     """
     if layers_per_step < 1:
         raise ValueError(f"lcsb.layers_per_step must be >= 1, got {layers_per_step}")
@@ -239,7 +249,8 @@ def lcsb(layers_per_step: int = 1) -> Estimator:
             return run
 
         index = jnp.asarray(step, jnp.int32) % len(blocks)
-        loss, grad = jax.lax.switch(index, [branch(b) for b in blocks], params)
+        with trace_context():
+            loss, grad = jax.lax.switch(index, [branch(b) for b in blocks], params)
         return Estimate(loss, _mask_tree(grad, mask), jnp.zeros((0,), jnp.float32))
 
     estimate.extra_inputs = ("step",)
