@@ -163,7 +163,10 @@ def backprop_layer_remat(trace_context: Callable[[], Any]) -> Estimator:
     recomputes one layer's internals at a time, so peak activation memory is the layer
     boundaries plus one layer's intermediates. The gradient is the plain backprop gradient.
     (``backprop(remat=True)``, which checkpoints the whole loss, saves nothing in the forward
-    pass but then holds every layer's intermediates at once during the backward pass.)
+    pass but then holds every layer's intermediates at once during the backward pass.) The
+    methods table adds the models' ``lazy_dequant`` switch, as for every backprop row: on a
+    quantised base the backward pass dequantises each kernel again from its int codes, MeBP's
+    lazy weight decompression (arXiv 2510.03425), so no float copy of a kernel is stored.
     """
     return _backprop_traced_in(trace_context)
 
