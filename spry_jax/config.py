@@ -33,7 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "rotten_tomatoes"  # a spry_jax.data registry name, or csv/jsonl/parquet
-    c.data.partition = "dirichlet"  # "dirichlet" | "natural" | "iid"
+    c.data.partition = "dirichlet"  # "dirichlet" | "group_dirichlet" | "natural" | "iid"
     c.data.alpha = 1.0  # Dirichlet concentration (0.1 = very heterogeneous)
     c.data.max_length = 64  # tokens per example (384 for QA)
     c.data.test_fraction = 0.2  # each client's local test split

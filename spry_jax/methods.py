@@ -8,6 +8,7 @@ pieces the round needs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -56,13 +57,34 @@ def _forward(cfg: Any, head_keys: tuple[str, ...] = ()) -> estimators.Estimator:
     )
 
 
+def _backprop_trace(*switches: Callable[[], Any]) -> Callable[[], Any]:
+    """The trace context of a backprop row: lazy dequantisation of a quantised base (every
+    backprop row; MeBP as published keeps no float copy of a kernel, arXiv 2510.03425) plus
+    the row's own model switches (per-layer remat, LoRA recompute)."""
+
+    @contextlib.contextmanager
+    def enter():
+        with contextlib.ExitStack() as stack:
+            for switch in (layers.lazy_dequant, *switches):
+                stack.enter_context(switch())
+            yield
+
+    return enter
+
+
 # Each builder takes the config and the model's head keys (only the forward estimator reads them).
 ESTIMATORS: dict[str, Callable[..., estimators.Estimator]] = {
     "forward": _forward,
-    "backprop": lambda cfg, head_keys=(): estimators.backprop(remat=False),
-    "backprop_remat": lambda cfg, head_keys=(): estimators.backprop_layer_remat(layers.layer_remat),
-    "backprop_mesp": lambda cfg, head_keys=(): estimators.backprop_mesp(layers.lora_recompute),
-    "lcsb": lambda cfg, head_keys=(): estimators.lcsb(cfg.lcsb.layers_per_step),
+    "backprop": lambda cfg, head_keys=(): estimators.backprop(
+        remat=False, trace_context=_backprop_trace()
+    ),
+    "backprop_remat": lambda cfg, head_keys=(): estimators.backprop_layer_remat(
+        _backprop_trace(layers.layer_remat)
+    ),
+    "backprop_mesp": lambda cfg, head_keys=(): estimators.backprop_mesp(
+        _backprop_trace(layers.lora_recompute)
+    ),
+    "lcsb": lambda cfg, head_keys=(): estimators.lcsb(cfg.lcsb.layers_per_step, _backprop_trace()),
     "mezo": lambda cfg, head_keys=(): zero_order.spsa(cfg.zo.num_perturbations, cfg.zo.eps, "zo"),
     "baffle": lambda cfg, head_keys=(): zero_order.spsa(
         cfg.zo.baffle_num_perturbations, cfg.zo.baffle_sigma, "zo.baffle"

@@ -22,6 +22,7 @@ passes them as keyword arguments (:func:`spry_jax.core.client.estimator_kwargs`)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -92,19 +93,25 @@ def reconstruct_gradient(
     return contract(jvps, tangents)
 
 
-def backprop(remat: bool = False) -> Estimator:
+def backprop(
+    remat: bool = False, trace_context: Callable[[], Any] = contextlib.nullcontext
+) -> Estimator:
     """Exact gradient by reverse mode, masked to the client's units.
 
     Args:
       remat: wrap the whole loss in ``jax.checkpoint``. This does not lower peak memory (the
         backward pass recomputes the full forward and holds all its residuals); use
         :func:`backprop_layer_remat` for per-layer checkpoints.
+      trace_context: the loss is traced inside ``trace_context()`` (the methods table passes
+        the models' ``lazy_dequant`` switch: a quantised base is dequantised again in the
+        backward pass rather than kept in float).
     """
 
     def estimate(f: LossClosure, params: Trainable, mask: Trainable, key: Array) -> Estimate:
         del key
         fn = jax.checkpoint(f) if remat else f
-        loss, grad = jax.value_and_grad(fn)(params)
+        with trace_context():
+            loss, grad = jax.value_and_grad(fn)(params)
         return Estimate(loss, _mask_tree(grad, mask), jnp.zeros((0,), jnp.float32))
 
     return estimate
@@ -215,7 +222,10 @@ def backprop_layer_remat(trace_context: Callable[[], Any]) -> Estimator:
     recomputes one layer's internals at a time, so peak activation memory is the layer
     boundaries plus one layer's intermediates. The gradient is the plain backprop gradient.
     (``backprop(remat=True)``, which checkpoints the whole loss, saves nothing in the forward
-    pass but then holds every layer's intermediates at once during the backward pass.)
+    pass but then holds every layer's intermediates at once during the backward pass.) The
+    methods table adds the models' ``lazy_dequant`` switch, as for every backprop row: on a
+    quantised base the backward pass dequantises each kernel again from its int codes, MeBP's
+    lazy weight decompression (arXiv 2510.03425), so no float copy of a kernel is stored.
     """
     return _backprop_traced_in(trace_context)
 
@@ -264,7 +274,9 @@ def lcsb_blocks(keys: list[str] | tuple[str, ...], layers_per_step: int) -> list
     return [[k for k in keys if layer_index(k) in set(g)] + always for g in groups]
 
 
-def lcsb(layers_per_step: int = 1) -> Estimator:
+def lcsb(
+    layers_per_step: int = 1, trace_context: Callable[[], Any] = contextlib.nullcontext
+) -> Estimator:
     """LCSB: layer-cyclic selective backprop (block coordinate descent on the PEFT weights).
 
     At global local step ``s`` (``round * steps_per_round + step``, so the cycle continues
@@ -277,6 +289,7 @@ def lcsb(layers_per_step: int = 1) -> Estimator:
 
     Args:
       layers_per_step: layers per block (``lcsb.layers_per_step``).
+      trace_context: the loss is traced inside ``trace_context()`` (as for :func:`backprop`).
     """
     if layers_per_step < 1:
         raise ValueError(f"lcsb.layers_per_step must be >= 1, got {layers_per_step}")
@@ -299,7 +312,8 @@ def lcsb(layers_per_step: int = 1) -> Estimator:
             return run
 
         index = jnp.asarray(step, jnp.int32) % len(blocks)
-        loss, grad = jax.lax.switch(index, [branch(b) for b in blocks], params)
+        with trace_context():
+            loss, grad = jax.lax.switch(index, [branch(b) for b in blocks], params)
         # Row b: which leaves block b covers (the head is in every block).
         table = jnp.asarray([[k in b for k in keys] for b in blocks])
         estimated = {k: table[index, i] for i, k in enumerate(keys)}

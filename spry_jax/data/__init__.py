@@ -5,6 +5,7 @@ from spry_jax.data.federated import FederatedData, make_federated_data
 from spry_jax.data.packing import pack_clients, pack_eval
 from spry_jax.data.partition import (
     dirichlet_partition,
+    group_dirichlet_partition,
     iid_partition,
     label_entropy,
     natural_partition,
@@ -20,6 +21,7 @@ __all__ = [
     "TextDataset",
     "dataset_names",
     "dirichlet_partition",
+    "group_dirichlet_partition",
     "iid_partition",
     "label_entropy",
     "load_dataset",

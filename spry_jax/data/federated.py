@@ -143,10 +143,11 @@ def make_federated_data(
     """Loads, tokenizes and partitions a dataset over ``num_clients`` clients.
 
     Args:
-      data_cfg: ``name``, ``partition`` ("dirichlet" | "natural" | "iid"; default dirichlet,
-        natural for SQuAD), ``alpha``, ``max_length``, ``test_fraction`` (0.2),
-        ``val_fraction`` (0.0: the share of each client's local train split moved to its
-        validation split, :func:`validation_split`),
+      data_cfg: ``name``, ``partition`` ("dirichlet" | "group_dirichlet" | "natural" | "iid";
+        default dirichlet; group_dirichlet for SQuAD v2, natural for a SQuAD-format file),
+        ``alpha``, ``max_length``, ``test_fraction`` (0.2), ``val_fraction`` (0.0: the share of
+        each client's local train split moved to its validation split,
+        :func:`validation_split`),
         ``max_examples`` (0 = all), ``heldout`` (False: pool everything, as the paper does;
         True: keep the official test split, or a ``heldout_fraction`` hash split, out of the
         clients and return it as ``FederatedData.heldout``), QA: ``qa_stride`` (128); plus the
@@ -216,7 +217,7 @@ def make_federated_data(
         "max_length": cfg_get(data_cfg, "max_length", None),
         "qa_stride": cfg_get(data_cfg, "qa_stride", None) if ds.task == "qa" else None,
         "partition": method,
-        "alpha": alpha if method == "dirichlet" else None,
+        "alpha": alpha if method in ("dirichlet", "group_dirichlet") else None,
         "num_clients": num_clients,
         "test_fraction": test_fraction,
         "heldout": use_heldout,

@@ -527,7 +527,9 @@ LOADERS: dict[str, Callable[[Any], TextDataset]] = {
 }
 
 # The partition each dataset uses when data.partition is not set.
-DEFAULT_PARTITION = {"squad_v2": "natural", "squad_json": "natural"}
+# SQuAD v2: the paper's split, a Dirichlet over article titles (partition.group_dirichlet_partition);
+# a local SQuAD-format file keeps one client per article.
+DEFAULT_PARTITION = {"squad_v2": "group_dirichlet", "squad_json": "natural"}
 
 
 def dataset_names() -> list[str]:

@@ -10,7 +10,9 @@ Conventions (both the encoders and the decoders follow them):
 * Dropout is pure: every ``__call__`` that drops takes ``dropout_rng: jax.Array | None``;
   ``None`` means deterministic. Callers derive per-layer keys with ``jax.random.fold_in``.
 * Computation runs in the activation dtype (the dtype of ``x``); norms and softmax in float32.
-* Everything is jvp-safe: no custom kernels, only XLA ops.
+* Everything is jvp-safe: no custom kernels, only XLA ops. The one exception is
+  :func:`quantized_matmul` (a ``custom_vjp``), used only while :func:`lazy_dequant` is set,
+  which the backprop estimators do and forward-mode never does.
 * Every layer records a ``creation_index`` (a static attribute, kept through ``nnx.split`` /
   ``merge``, which re-create modules with their attributes sorted alphabetically). Spry's units
   are chunks of the trainable leaves in model order, and this index is how
@@ -29,6 +31,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import custom_batching
 
 from spry_jax.models import quant as quant_lib
 
@@ -72,6 +75,93 @@ def layer_remat():
 def maybe_remat(fn: Callable[[Array], Array]) -> Callable[[Array], Array]:
     """``jax.checkpoint(fn)`` (nothing inside saved) under :func:`layer_remat`, else ``fn``."""
     return jax.checkpoint(fn) if _LAYER_REMAT.get() else fn
+
+
+# Lazy-dequantisation switch (every backprop estimator, see spry_jax.methods): while set *during
+# tracing*, a quantised Linear's base matmul is :func:`quantized_matmul`, whose backward pass
+# keeps the int codes and scales and dequantises the kernel again, instead of keeping the float
+# kernel as a residual. It is a custom_vjp and so not jvp-safe: forward-mode (Spry) traces
+# without it, and the default is off.
+_LAZY_DEQUANT = contextvars.ContextVar("lazy_dequant", default=False)
+
+
+@contextlib.contextmanager
+def lazy_dequant():
+    """Traces every quantised Linear inside this block with a lazily dequantising backward pass
+    (MeBP's lazy weight decompression, arXiv 2510.03425). Values and gradients are unchanged."""
+    token = _LAZY_DEQUANT.set(True)
+    try:
+        yield
+    finally:
+        _LAZY_DEQUANT.reset(token)
+
+
+@custom_batching.custom_vmap
+def _opaque_zero(v: Array) -> Array:
+    """An exact float32 zero that XLA cannot prove is zero, computed from ``v``'s first element.
+
+    ``(v0 != v0)`` is 0 or 1, so the product with 0 is exactly 0.0 even for a NaN or infinite
+    ``v0``; XLA does not fold a float multiplication by zero (NaN semantics). Under ``vmap``
+    the result stays unbatched (the rule below), so a kernel tied to it is not copied per client.
+    """
+    v0 = v.reshape(-1)[0]
+    return (v0 != v0).astype(jnp.float32) * 0.0
+
+
+@_opaque_zero.def_vmap
+def _opaque_zero_vmap(axis_size: int, in_batched: list[bool], v: Array):
+    del axis_size, in_batched
+    return _opaque_zero(v), False
+
+
+def _dequantize_tied(qweight: Array, scale: Array, quant: str, tie_to: Array) -> Array:
+    """The kernel in ``tie_to``'s dtype, dequantised from int codes tied to ``tie_to``: the same
+    values, but an XLA computation of its own that cannot start before ``tie_to`` exists."""
+    tied = qweight + _opaque_zero(tie_to).astype(qweight.dtype)
+    return quant_lib.dequantize(tied, scale, quant, tie_to.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def quantized_matmul(x: Array, qweight: Array, scale: Array, quant: str) -> Array:
+    """``x @ dequantize(qweight, scale)`` whose backward pass stores only ``qweight`` and
+    ``scale`` and dequantises the kernel again once the output's cotangent has arrived.
+
+    Plain reverse mode keeps every layer's float kernel (4 bytes per weight against 0.5 for
+    int4) alive from the forward to the backward pass. ``jax.checkpoint`` around the
+    dequantisation does not prevent it on XLA CPU: the recomputed dequantisation reads the
+    same parameters as the forward one, and once the optimisation barriers are gone XLA's
+    common-subexpression elimination merges the two (measured: the compiled program is
+    unchanged). So each dequantisation reads int codes tied by an exact zero
+    (:func:`_opaque_zero`) to the value it is used with: ``x`` in the forward pass (and in a
+    per-layer recompute, whose ``x`` is itself recomputed) and the cotangent in the backward
+    pass. Each is then a distinct computation, scheduled just before its matmul, and no float
+    kernel outlives its matmul.
+
+    Args:
+      x: ``[..., in]`` activations (their dtype is the compute dtype).
+      qweight, scale: the frozen quantised kernel (:func:`spry_jax.models.quant.quantize`);
+        they get no gradient.
+      quant: "int8" or "int4".
+
+    Returns:
+      ``[..., out]``, the value of the plain ``x @ W``.
+    """
+    return jnp.matmul(x, _dequantize_tied(qweight, scale, quant, x))
+
+
+def _quantized_matmul_fwd(x, qweight, scale, quant):
+    return quantized_matmul(x, qweight, scale, quant), (qweight, scale)
+
+
+def _quantized_matmul_bwd(quant, residuals, g):
+    qweight, scale = residuals
+    w = _dequantize_tied(qweight, scale, quant, g)
+    # The contraction reverse mode uses for ``x @ W`` (no transposed copy of W).
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
+    return dx, None, None
+
+
+quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
 
 
 def _lora_branch(h: Array, a: Array, b: Array) -> Array:
@@ -206,7 +296,10 @@ class Linear(nnx.Module):
         """Applies the layer; ``dropout_rng`` drives LoRA dropout (None = deterministic)."""
         dt = x.dtype
         x_in = x * self.ia3[...].astype(dt) if self.ia3 is not None and self.ia3_on_input else x
-        y = jnp.matmul(x_in, self.weight(dt))
+        if self.quant != "none" and _LAZY_DEQUANT.get():
+            y = quantized_matmul(x_in, self.kernel[...], self.kernel_scale[...], self.quant)
+        else:
+            y = jnp.matmul(x_in, self.weight(dt))
         if self.bias is not None:
             y = y + self.bias[...].astype(dt)
         if self.lora_a is not None:

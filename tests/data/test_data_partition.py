@@ -8,6 +8,7 @@ import pytest
 from spry_jax.data import (
     DataError,
     dirichlet_partition,
+    group_dirichlet_partition,
     iid_partition,
     label_entropy,
     natural_partition,
@@ -130,6 +131,54 @@ def test_natural_partition_merges_groups_when_clients_are_fewer():
 def test_natural_partition_more_clients_than_groups():
     with pytest.raises(DataError, match="num_clients=3 > 2 natural groups"):
         natural_partition(np.array(["x", "y", "x"]), 3, seed=0)
+
+
+def _titles(num_titles: int = 477, seed: int = 0) -> np.ndarray:
+    """SQuAD-shaped groups: ``num_titles`` article titles of 2-14 questions each, shuffled."""
+    sizes = np.random.default_rng(seed).integers(2, 15, size=num_titles)
+    titles = np.repeat([f"Article_{i:03d}" for i in range(num_titles)], sizes)
+    return np.random.default_rng(seed + 1).permutation(titles)
+
+
+def test_group_dirichlet_builds_500_clients_over_477_titles():
+    titles = _titles()
+    n = len(titles)
+    with pytest.raises(DataError, match="group_dirichlet"):
+        natural_partition(titles, 500, seed=0)
+    parts = group_dirichlet_partition(titles, 500, alpha=1.0, seed=0)
+    assert len(parts) == 500
+    # Every question in exactly one client.
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(n))
+    # Sizes as documented: floor(N / 500), one more for N mod 500 clients.
+    sizes = np.array([len(p) for p in parts])
+    assert np.bincount(sizes - n // 500).tolist() == [500 - n % 500, n % 500]
+    assert all(np.array_equal(p, np.sort(p)) for p in parts)
+    # Titles span clients (500 > 477), and with alpha = 0.1 clients hold fewer titles.
+    spread = np.mean([len(set(titles[p])) for p in parts])
+    few = group_dirichlet_partition(titles, 500, alpha=0.1, seed=0)
+    assert np.mean([len(set(titles[p])) for p in few]) < spread
+
+
+def test_group_dirichlet_is_deterministic_in_the_seed():
+    titles = _titles(seed=3)
+    a = group_dirichlet_partition(titles, 500, alpha=1.0, seed=7)
+    b = group_dirichlet_partition(titles, 500, alpha=1.0, seed=7)
+    c = group_dirichlet_partition(titles, 500, alpha=1.0, seed=8)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_group_dirichlet_is_the_label_dirichlet_over_titles_plus_the_remainder():
+    """The Dirichlet part is dirichlet_partition with title ids as labels; the N mod C
+    leftovers it leaves out are the only additions, one per client."""
+    titles = _titles(num_titles=40, seed=5)
+    _, ids = np.unique(titles, return_inverse=True)
+    base = dirichlet_partition(ids, 30, 0.5, seed=2)
+    full = group_dirichlet_partition(titles, 30, 0.5, seed=2)
+    extra = [np.setdiff1d(f, b) for f, b in zip(full, base, strict=True)]
+    assert all(np.isin(b, f).all() for f, b in zip(full, base, strict=True))
+    assert sum(len(e) for e in extra) == len(titles) % 30
+    assert max(len(e) for e in extra) == 1
 
 
 def test_train_test_split_is_80_20_floor_and_disjoint():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +163,68 @@ def test_federated_qa_splits_by_article(tiny, minilm_tokenizer, tmp_cache):
         for k in ("start_positions", "end_positions", "offsets", "labels"):
             assert len(fd.train[c][k]) == fd.num_examples(c)
     assert titles[0] != titles[1]
+
+
+def _synthetic_squad(path: Path, num_titles: int = 477, seed: int = 0) -> int:
+    """Writes a SQuAD v2-format file with ``num_titles`` articles (SQuAD v2 has 477 titles),
+    1-2 paragraphs each, answerable and unanswerable questions; returns the question count."""
+    rng = np.random.default_rng(seed)
+    data, n = [], 0
+    for t in range(num_titles):
+        paragraphs = []
+        for p in range(int(rng.integers(1, 3))):
+            context = f"Article {t} paragraph {p} is about topic{t} and the answer is word{t}."
+            qas = []
+            for q in range(int(rng.integers(1, 6))):
+                impossible = bool(rng.random() < 0.3)
+                answer = f"word{t}"
+                qas.append(
+                    {
+                        "id": f"q{t}_{p}_{q}",
+                        "question": f"What is the answer {q} of article {t}?",
+                        "is_impossible": impossible,
+                        "answers": []
+                        if impossible
+                        else [{"text": answer, "answer_start": context.index(answer)}],
+                    }
+                )
+                n += 1
+            paragraphs.append({"context": context, "qas": qas})
+        data.append({"title": f"Article_{t:03d}", "paragraphs": paragraphs})
+    path.write_text(json.dumps({"version": "v2.0", "data": data}))
+    return n
+
+
+def test_paper_squad_setting_builds_500_clients_over_477_titles(
+    tmp_path, minilm_tokenizer, tmp_cache
+):
+    """experiments/squad_v2.py's data settings (500 clients, partition by title) on a
+    synthetic 477-title SQuAD v2 file: every question in exactly one client, equal sizes."""
+    c = _load_experiment("squad_v2").get_config()
+    assert c.num_clients == 500 and c.data.partition == "group_dirichlet"
+    path = tmp_path / "squad477.json"
+    n = _synthetic_squad(path)
+    cfg = ConfigDict(c.data.to_dict())
+    cfg.name, cfg.path = "squad_json", str(path)
+    fd = make_federated_data(cfg, num_clients=c.num_clients, tokenizer=minilm_tokenizer, seed=0)
+    assert len(set(fd.dataset.group.tolist())) == 477
+    assert len(fd.train) == len(fd.test) == 500
+    examples = [np.r_[tr, te] for tr, te in fd.client_examples]
+    assert np.array_equal(np.sort(np.concatenate(examples)), np.arange(n))
+    assert {len(e) for e in examples} == ({n // 500} | ({n // 500 + 1} if n % 500 else set()))
+    for c_idx, (tr, _) in enumerate(fd.client_examples):
+        assert set(fd.train[c_idx]["example_index"].tolist()) == set(tr.tolist())
+    again = make_federated_data(cfg, num_clients=c.num_clients, tokenizer=minilm_tokenizer, seed=0)
+    assert all(
+        np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+        for a, b in zip(fd.client_examples, again.client_examples, strict=True)
+    )
+
+
+def _load_experiment(name: str):
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).parents[2] / "experiments" / f"{name}.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
