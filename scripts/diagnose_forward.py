@@ -64,7 +64,12 @@ def main(argv):
     params = exp.model.trainable
     if FLAGS.step is not None:
         manager = ckpt_lib.Checkpointer(os.path.join(FLAGS.workdir, "checkpoints"), 1)
-        state, _ = manager.restore_latest(exp.init_state(), train._identity(exp), step=FLAGS.step)
+        identity = train._identity(exp)
+        # A read-only look: only what fixes the weights' meaning (model, PEFT, data) must match,
+        # so a checkpoint written before an identity field existed still opens.
+        keep = ("model_fingerprint", "data_fingerprint")
+        ignore = tuple(k for k in identity if k not in keep)
+        state, _ = manager.restore_latest(exp.init_state(), identity, FLAGS.step, ignore)
         params = jax.device_get(state.params)
         manager.close()
     frozen = exp.model.frozen
