@@ -46,7 +46,21 @@ class Method:
     doc: str = ""
 
 
-def _forward(cfg: Any, head_keys: tuple[str, ...] = ()) -> estimators.Estimator:
+LORA_A_MODES = ("perturb", "frozen")
+
+
+def _forward(
+    cfg: Any, head_keys: tuple[str, ...] = (), trainable_keys: tuple[str, ...] = ()
+) -> estimators.Estimator:
+    lora_a = cfg.fwd.get("lora_a", "perturb")
+    if lora_a not in LORA_A_MODES:
+        raise ValueError(f"fwd.lora_a must be one of {LORA_A_MODES}, got {lora_a!r}")
+    frozen = tuple(k for k in trainable_keys if k.endswith("lora_a")) if lora_a == "frozen" else ()
+    if lora_a == "frozen" and cfg.peft.method != "lora":
+        raise ValueError(
+            f"fwd.lora_a='frozen' needs LoRA adapters, got peft.method={cfg.peft.method!r}. "
+            "Drop fwd.lora_a or set peft.method='lora'."
+        )
     return estimators.forward(
         cfg.fwd.num_tangents,
         cfg.fwd.sigma,
@@ -54,6 +68,8 @@ def _forward(cfg: Any, head_keys: tuple[str, ...] = ()) -> estimators.Estimator:
         head_keys=head_keys,
         head_mode=cfg.fwd.head,
         head_tangents=cfg.fwd.head_tangents,
+        distribution=cfg.fwd.get("tangents", "gaussian"),
+        frozen_keys=frozen,
     )
 
 
@@ -194,6 +210,7 @@ class RoundParts:
     split: bool
     max_steps: int | None
     fwd_sigma: float | None
+    fwd_tangents: str = "gaussian"
     client_var_threshold: float = 0.0
     per_iteration_round_optimizer: bool = False
 
@@ -222,10 +239,13 @@ def resolved_optimizers(cfg: Any) -> dict[str, Any]:
     }
 
 
-def build_round_parts(cfg: Any, head_keys: tuple[str, ...] = ()) -> RoundParts:
+def build_round_parts(
+    cfg: Any, head_keys: tuple[str, ...] = (), trainable_keys: tuple[str, ...] = ()
+) -> RoundParts:
     """Resolves the method row and the config into estimator and optimizers.
 
-    ``head_keys`` (``SplitModel.head_keys``) reach the forward estimator for ``fwd.head``.
+    ``head_keys`` (``SplitModel.head_keys``) reach the forward estimator for ``fwd.head``, and
+    ``trainable_keys`` (the model's trainable leaves) for ``fwd.lora_a``.
     """
     method = get_method(cfg.method)
     if cfg.comm_mode not in method.comm_modes:
@@ -237,6 +257,11 @@ def build_round_parts(cfg: Any, head_keys: tuple[str, ...] = ()) -> RoundParts:
         raise ValueError(
             f"fwd.head={cfg.fwd.head!r} needs comm_mode='per_epoch' (per-iteration clients send "
             "only the K jvp scalars of one joint perturbation); set fwd.head='joint'."
+        )
+    if cfg.comm_mode == "per_iteration" and cfg.fwd.get("lora_a", "perturb") != "perturb":
+        raise ValueError(
+            f"fwd.lora_a={cfg.fwd.lora_a!r} needs comm_mode='per_epoch' (the server regenerates "
+            "tangents on every leaf of a unit); set fwd.lora_a='perturb'."
         )
     resolved = resolved_optimizers(cfg)
     client_name, client_lr = resolved["client.optimizer"], resolved["client.lr"]
@@ -256,7 +281,11 @@ def build_round_parts(cfg: Any, head_keys: tuple[str, ...] = ()) -> RoundParts:
         # what it amounts to, and keeps no state (no dead moments in the checkpoints).
         server_optimizer = server_lib.make_server_optimizer("fedavg", 1.0)
     return RoundParts(
-        estimator=ESTIMATORS[method.estimator](cfg, head_keys),
+        estimator=(
+            _forward(cfg, head_keys, trainable_keys)
+            if method.estimator == "forward"
+            else ESTIMATORS[method.estimator](cfg, head_keys)
+        ),
         client_optimizer=client_lib.make_client_optimizer(
             client_name,
             client_lr,
@@ -269,6 +298,7 @@ def build_round_parts(cfg: Any, head_keys: tuple[str, ...] = ()) -> RoundParts:
         split=method.split,
         max_steps=method.max_steps,
         fwd_sigma=cfg.fwd.sigma if method.estimator == "forward" else None,
+        fwd_tangents=cfg.fwd.get("tangents", "gaussian"),
         client_var_threshold=(
             float(cfg.zo.fwdllm_client_var_threshold) if method.estimator == "fwdllm" else 0.0
         ),

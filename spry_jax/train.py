@@ -119,7 +119,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     model = models.make_split_model(
         config.model, config.peft, task=fed.task, num_labels=fed.num_labels, seed=config.seed
     )
-    parts = methods.build_round_parts(config, model.head_keys)
+    parts = methods.build_round_parts(config, model.head_keys, tuple(model.trainable))
     units = units_lib.make_units(
         model.order,
         config.split.tensors_per_unit,
@@ -146,6 +146,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         backend=backend,
         mesh=mesh,
         fwd_sigma=parts.fwd_sigma,
+        fwd_tangents=parts.fwd_tangents,
         client_var_threshold=parts.client_var_threshold,
         eval_fn=tasks.make_eval_fn(model) if fed.task == "classification" else None,
         per_iteration_round_optimizer=parts.per_iteration_round_optimizer,

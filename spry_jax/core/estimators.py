@@ -62,18 +62,39 @@ def _mask_tree(tree: Trainable, mask: Trainable) -> Trainable:
     return {k: v * mask[k].astype(v.dtype) for k, v in tree.items()}
 
 
-def draw_tangents(
-    key: Array, params: Trainable, mask: Trainable, num_tangents: int, sigma: float = 1.0
-) -> Trainable:
-    """Draws K Gaussian tangents on the masked leaves: ``{key: [K, *shape]}``.
+TANGENT_DISTRIBUTIONS = ("gaussian", "rademacher")
 
+
+def draw_tangents(
+    key: Array,
+    params: Trainable,
+    mask: Trainable,
+    num_tangents: int,
+    sigma: float = 1.0,
+    distribution: str = "gaussian",
+) -> Trainable:
+    """Draws K tangents on the masked leaves: ``{key: [K, *shape]}``.
+
+    ``distribution`` (``fwd.tangents``): ``"gaussian"`` draws ``N(0, sigma^2)`` entries (the
+    paper); ``"rademacher"`` draws ``+-sigma`` with equal probability, an extension beyond the
+    paper: the same mean ``E[(g.v) v] = sigma^2 g``, a per-coordinate variance of
+    ``sigma^4 (|g|^2 - g_i^2)`` instead of ``sigma^4 (|g|^2 + g_i^2)``.
     Each leaf's noise comes from ``fold_in(key, leaf_index)`` (leaves in sorted key order), so
     the server can regenerate exactly these tangents from the key alone.
     """
+    if distribution not in TANGENT_DISTRIBUTIONS:
+        raise ValueError(
+            f"fwd.tangents must be one of {TANGENT_DISTRIBUTIONS}, got {distribution!r}"
+        )
     out = {}
     for i, k in enumerate(sorted(params)):
         p = params[k]
-        noise = jax.random.normal(jax.random.fold_in(key, i), (num_tangents, *p.shape), p.dtype)
+        leaf_key = jax.random.fold_in(key, i)
+        shape = (num_tangents, *p.shape)
+        if distribution == "gaussian":
+            noise = jax.random.normal(leaf_key, shape, p.dtype)
+        else:
+            noise = jax.random.rademacher(leaf_key, shape, p.dtype)
         out[k] = noise * (sigma * mask[k]).astype(p.dtype)
     return out
 
@@ -85,11 +106,16 @@ def contract(jvps: Array, tangents: Trainable) -> Trainable:
 
 
 def reconstruct_gradient(
-    key: Array, params: Trainable, mask: Trainable, jvps: Array, sigma: float = 1.0
+    key: Array,
+    params: Trainable,
+    mask: Trainable,
+    jvps: Array,
+    sigma: float = 1.0,
+    distribution: str = "gaussian",
 ) -> Trainable:
     """Server side of per-iteration mode: rebuilds a client's forward gradient from its K jvp
     scalars and the shared tangent key (Spry §3.2, per-iteration communication)."""
-    tangents = draw_tangents(key, params, mask, jvps.shape[0], sigma)
+    tangents = draw_tangents(key, params, mask, jvps.shape[0], sigma, distribution)
     return contract(jvps, tangents)
 
 
@@ -127,6 +153,8 @@ def forward(
     head_keys: tuple[str, ...] = (),
     head_mode: str = "joint",
     head_tangents: int = 16,
+    distribution: str = "gaussian",
+    frozen_keys: tuple[str, ...] = (),
 ) -> Estimator:
     """Forward-gradient estimator with K tangents on the client's units.
 
@@ -150,6 +178,13 @@ def forward(
         the head's weights, one jvp per head weight, each through the head only). Both are
         extensions beyond the paper; per-epoch communication only.
       head_tangents: tangents for the head in ``"separate"`` mode (``fwd.head_tangents``).
+      distribution: the tangents' distribution (``fwd.tangents``, :func:`draw_tangents`).
+      frozen_keys: leaves of the mask that get no tangent and are marked not estimated, so they
+        keep their initial value and optimizer state (``fwd.lora_a="frozen"`` passes the LoRA
+        ``A`` matrices: LoRA-FA, Zhang et al. 2023, in forward-gradient form, an extension
+        beyond the paper). While ``B = 0`` the loss does not depend on ``A`` to first order, so
+        an ``A`` tangent adds only noise to every jvp; freezing ``A`` at its random
+        initialisation halves a LoRA unit's perturbed dimension.
     """
     if num_tangents < 1:
         raise ValueError(f"fwd.num_tangents must be >= 1, got {num_tangents}")
@@ -162,6 +197,13 @@ def forward(
     if head_mode == "separate" and head_tangents < 1:
         raise ValueError(f"fwd.head_tangents must be >= 1, got {head_tangents}")
     head = frozenset(head_keys) if head_mode != "joint" else frozenset()
+    frozen = frozenset(frozen_keys)
+    if frozen & head:
+        raise ValueError(f"frozen_keys overlap the head: {sorted(frozen & head)}")
+    if distribution not in TANGENT_DISTRIBUTIONS:
+        raise ValueError(
+            f"fwd.tangents must be one of {TANGENT_DISTRIBUTIONS}, got {distribution!r}"
+        )
 
     def jvps_along(f_sub, primal, tangents):
         def one(v):
@@ -173,27 +215,31 @@ def forward(
 
     def estimate(f: LossClosure, params: Trainable, mask: Trainable, key: Array) -> Estimate:
         # Tangents are drawn for every leaf (leaf index in sorted key order, as the server
-        # regenerates them) and the head's are dropped when it is estimated on its own.
-        tangents = draw_tangents(key, params, mask, num_tangents, sigma)
-        if not head:
-            losses, jvps = jvps_along(f, params, tangents)
-            grad = contract(jvps, tangents)
-        else:
-            body = {k: v for k, v in params.items() if k not in head}
+        # regenerates them); the head's are dropped when it is estimated on its own, and frozen
+        # leaves get none (their mask is zeroed here, so they are also not estimated).
+        if frozen:
+            mask = {k: m * 0 if k in frozen else m for k, m in mask.items()}
+        tangents = draw_tangents(key, params, mask, num_tangents, sigma, distribution)
+        held = head | frozen  # leaves held at their primal value in the K jvps
+        free = {k: v for k, v in params.items() if k not in held}
+        fixed = {k: v for k, v in params.items() if k in held}
+        if free:
+            free_tangents = {k: tangents[k] for k in free}
+            losses, jvps = jvps_along(lambda q: f({**q, **fixed}), free, free_tangents)
+            grad = contract(jvps, free_tangents)
+        else:  # head-only PEFT: no body tangents
+            losses, jvps = f(params)[None], jnp.zeros((num_tangents,), jnp.float32)
+            grad = {}
+        grad.update({k: jnp.zeros_like(params[k]) for k in frozen})
+        if head:
             top = {k: v for k, v in params.items() if k in head}
-            body_tangents = {k: v for k, v in tangents.items() if k not in head}
-            if body:
-                losses, jvps = jvps_along(lambda b: f({**b, **top}), body, body_tangents)
-                grad = contract(jvps, body_tangents)
-            else:  # head-only PEFT: no body tangents
-                losses, jvps = f(params)[None], jnp.zeros((num_tangents,), jnp.float32)
-                grad = {}
-            f_head = lambda h: f({**body, **h})  # noqa: E731
+            rest = {k: v for k, v in params.items() if k not in head}
+            f_head = lambda h: f({**rest, **h})  # noqa: E731
             if head_mode == "exact":
                 head_grad = jax.jacfwd(f_head)(top)
             else:
                 head_key = jax.random.fold_in(key, len(params))
-                head_v = draw_tangents(head_key, top, mask, head_tangents, sigma)
+                head_v = draw_tangents(head_key, top, mask, head_tangents, sigma, distribution)
                 _, head_jvps = jvps_along(f_head, top, head_v)
                 head_grad = contract(head_jvps, head_v)
             grad.update({k: v * mask[k].astype(v.dtype) for k, v in head_grad.items()})
@@ -203,7 +249,9 @@ def forward(
         # memory. Tied, the two passes run layer by layer (tests/core/test_client_memory.py
         # checks the client step's XLA memory estimate).
         loss = losses[0] + 0.0 * jnp.sum(jvps)
-        return Estimate(loss, grad, jvps.astype(jnp.float32))
+        # With frozen leaves the mask was narrowed above: they are not estimated.
+        estimated = dict(mask) if frozen else None
+        return Estimate(loss, grad, jvps.astype(jnp.float32), estimated)
 
     return estimate
 

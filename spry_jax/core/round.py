@@ -111,6 +111,7 @@ class RoundSpec:
       backend: one of :data:`BACKENDS`.
       mesh: the device mesh with axis ``'clients'`` (``shard_map`` backend).
       fwd_sigma: tangent standard deviation, needed to regenerate tangents (per-iteration).
+      fwd_tangents: the tangents' distribution (``fwd.tangents``), to regenerate them.
       eval_fn: ``eval_fn(trainable, frozen, batch) -> {name: sum}`` (summed metrics, e.g.
         ``correct`` and ``count``); when the round gets ``eval_batches`` it reports the sums for
         the global model the round starts from, before its update (generalized), and for each
@@ -137,6 +138,7 @@ class RoundSpec:
     backend: str = "shard_map"
     mesh: Mesh | None = None
     fwd_sigma: float | None = None
+    fwd_tangents: str = "gaussian"
     eval_fn: Callable[..., dict[str, Array]] | None = None
     client_var_threshold: float = 0.0
     per_iteration_round_optimizer: bool = False
@@ -342,7 +344,9 @@ def _server_contrib(spec: RoundSpec):
 
     def server(params, mask, key, step, jvps, weight):
         _, est_key = step_keys(key, step)
-        grad = reconstruct_gradient(est_key, params, mask, jvps, spec.fwd_sigma)
+        grad = reconstruct_gradient(
+            est_key, params, mask, jvps, spec.fwd_sigma, spec.fwd_tangents
+        )
         return aggregation.weighted_sums(grad, mask, weight)
 
     return server

@@ -174,3 +174,27 @@ def test_split_half_variance_matches_numpy():
     assert float(one.variance) == 0.0  # one real step: nothing to compare, nothing to drop
     off = C.make_client_update(loss_fn, _table_estimator(table), optax.sgd(0.1))
     assert float(off(params, None, mask, batches, step_mask, jax.random.PRNGKey(0)).variance) == 0
+
+
+def test_frozen_lora_a_keeps_a_and_its_optimizer_state_through_local_training():
+    """fwd.lora_a='frozen' under AdamW with weight decay: A does not move (a zero gradient would
+    still be decayed and would advance Adam's count), B does."""
+    model = make_toy_model()
+    loss_fn = tasks.make_loss_fn(model)
+    b = make_toy_batches(1, STEPS, BATCH, seed=1)
+    batch = {k: v[0] for k, v in b.items() if k != "step_mask"}
+    ones = {k: jnp.float32(1.0) for k in model.trainable}
+    opt = C.make_client_optimizer("adamw", LR, weight_decay=WD)
+    frozen = tuple(k for k in model.trainable if k.endswith("lora_a"))
+    assert frozen
+    est = E.forward(2, frozen_keys=frozen)
+    out = C.make_local_train(loss_fn, est, opt)(
+        model.trainable, model.frozen, ones, batch, jnp.ones(STEPS), jax.random.PRNGKey(3)
+    )
+    for k in model.trainable:
+        if k in frozen:
+            np.testing.assert_array_equal(out.params[k], model.trainable[k])
+            assert _count(out.opt_state[k]) == 0, k
+        else:
+            assert np.any(np.asarray(out.params[k]) != np.asarray(model.trainable[k])), k
+            assert _count(out.opt_state[k]) == STEPS, k

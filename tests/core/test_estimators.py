@@ -185,3 +185,84 @@ def test_head_modes_need_per_epoch_and_joint_is_unchanged(problem):
     c.comm_mode = "per_iteration"
     with pytest.raises(ValueError, match="fwd.head='exact' needs comm_mode='per_epoch'"):
         methods.build_round_parts(c)
+
+
+def test_rademacher_tangents_are_unbiased_with_their_smaller_variance(problem):
+    """fwd.tangents='rademacher': E = sigma^2 grad, Var_i = sigma^4 (|g|^2 - g_i^2), which a
+    Gaussian draw (|g|^2 + g_i^2) would fail on the sampled-variance check."""
+    model, f, grad = problem
+    unit = ("l0/lora_a", "l0/lora_b")
+    sigma = 0.5
+    samples = _samples(
+        E.forward(1, sigma, distribution="rademacher"), f, model.trainable, _mask(model, unit)
+    )
+    g = _flat(grad, unit)
+    est = np.concatenate([np.asarray(samples[k]).reshape(N_SAMPLES, -1) for k in unit], 1)
+    var = sigma**4 * (np.sum(g**2) - g**2)
+    z = (est.mean(0) - sigma**2 * g) / np.sqrt(var / N_SAMPLES)
+    assert np.abs(z).max() < 5.0, np.abs(z).max()
+    np.testing.assert_allclose(est.var(0), var, rtol=0.1)
+    # Every tangent entry is +-sigma on the mask and 0 off it.
+    t = E.draw_tangents(jax.random.PRNGKey(0), model.trainable, _mask(model, unit), 3, sigma,
+                        "rademacher")
+    for k, v in t.items():
+        want = {sigma} if k in unit else {0.0}
+        assert set(np.unique(np.abs(np.asarray(v))).tolist()) == want, k
+    with pytest.raises(ValueError, match="fwd.tangents"):
+        E.forward(1, distribution="uniform")
+
+
+def test_rademacher_per_iteration_reconstruction_is_exact(problem):
+    model, f, _ = problem
+    mask = _mask(model, ("l0/lora_a", "l0/lora_b", "head/bias"))
+    key = jax.random.PRNGKey(12)
+    client = E.forward(4, sigma=0.7, distribution="rademacher")(f, model.trainable, mask, key)
+    rebuilt = E.reconstruct_gradient(key, model.trainable, mask, client.jvps, 0.7, "rademacher")
+    gauss = E.reconstruct_gradient(key, model.trainable, mask, client.jvps, 0.7)
+    for k in model.trainable:
+        np.testing.assert_allclose(rebuilt[k], client.grad[k], rtol=1e-6, atol=1e-8)
+    assert any(not np.allclose(gauss[k], client.grad[k]) for k in mask if mask[k])
+
+
+def test_frozen_lora_a_perturbs_only_b_unbiased_and_marks_a_not_estimated(problem):
+    """fwd.lora_a='frozen' (LoRA-FA): A gets no tangent, a zero gradient and is not estimated;
+    B's estimate is unbiased with a variance carrying only B's (and nothing of A's) gradient."""
+    model, f, grad = problem
+    unit = ("l0/lora_a", "l0/lora_b")
+    mask = _mask(model, unit + HEAD)
+    est = E.forward(2, head_keys=HEAD, head_mode="exact", frozen_keys=("l0/lora_a", "l1/lora_a"))
+    one = est(f, model.trainable, mask, jax.random.PRNGKey(4))
+    assert float(jnp.abs(one.grad["l0/lora_a"]).max()) == 0.0
+    assert float(one.estimated["l0/lora_a"]) == 0.0 and float(one.estimated["l0/lora_b"]) == 1.0
+    assert float(one.estimated["head/kernel"]) == 1.0 and float(one.estimated["l1/lora_b"]) == 0.0
+    for k in HEAD:
+        np.testing.assert_allclose(one.grad[k], grad[k], rtol=1e-5, atol=1e-7)
+    samples = _samples(est, f, model.trainable, mask)
+    g = _flat(grad, ("l0/lora_b",))
+    b = np.asarray(samples["l0/lora_b"]).reshape(N_SAMPLES, -1)
+    var = (np.sum(g**2) + g**2) / 2
+    z = (b.mean(0) - g) / np.sqrt(var / N_SAMPLES)
+    assert np.abs(z).max() < 5.0, np.abs(z).max()
+    np.testing.assert_allclose(b.var(0), var, rtol=0.1)
+    assert float(jnp.abs(samples["l0/lora_a"]).max()) == 0.0
+    with pytest.raises(ValueError, match="overlap the head"):
+        E.forward(1, head_keys=HEAD, head_mode="exact", frozen_keys=("head/bias",))
+
+
+def test_frozen_lora_a_config_checks_and_a_stays_put_in_a_client_update():
+    from spry_jax import methods
+    from spry_jax.config import default_config
+
+    c = default_config()
+    c.fwd.lora_a = "frozen"
+    c.comm_mode = "per_iteration"
+    with pytest.raises(ValueError, match="fwd.lora_a='frozen' needs comm_mode='per_epoch'"):
+        methods.build_round_parts(c)
+    c.comm_mode = "per_epoch"
+    c.peft.method = "ia3"
+    with pytest.raises(ValueError, match="needs LoRA adapters"):
+        methods.build_round_parts(c)
+    c.fwd.lora_a = "frozn"
+    c.peft.method = "lora"
+    with pytest.raises(ValueError, match="fwd.lora_a must be one of"):
+        methods.build_round_parts(c)
