@@ -74,7 +74,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.fwd.head = "joint"  # task head: "joint" (paper) | "separate" (own tangents) | "exact"
     c.fwd.head_tangents = 16  # fwd.head="separate": the head's own tangents (each ~free)
     c.fwd.tangents = "gaussian"  # tangent distribution: "gaussian" (paper) | "rademacher" (+-sigma)
-    c.fwd.lora_a = "perturb"  # "perturb" (paper) | "frozen": A keeps its init (LoRA-FA), B perturbed
+    c.fwd.lora_a = (
+        "perturb"  # "perturb" (paper) | "frozen": A keeps its init (LoRA-FA), B perturbed
+    )
 
     c.zo = ml_collections.ConfigDict()
     c.zo.eps = 1e-3  # FedMeZO: perturbation scale, forwards at w +- eps z

@@ -344,9 +344,7 @@ def _server_contrib(spec: RoundSpec):
 
     def server(params, mask, key, step, jvps, weight):
         _, est_key = step_keys(key, step)
-        grad = reconstruct_gradient(
-            est_key, params, mask, jvps, spec.fwd_sigma, spec.fwd_tangents
-        )
+        grad = reconstruct_gradient(est_key, params, mask, jvps, spec.fwd_sigma, spec.fwd_tangents)
         return aggregation.weighted_sums(grad, mask, weight)
 
     return server

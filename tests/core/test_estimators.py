@@ -203,8 +203,9 @@ def test_rademacher_tangents_are_unbiased_with_their_smaller_variance(problem):
     assert np.abs(z).max() < 5.0, np.abs(z).max()
     np.testing.assert_allclose(est.var(0), var, rtol=0.1)
     # Every tangent entry is +-sigma on the mask and 0 off it.
-    t = E.draw_tangents(jax.random.PRNGKey(0), model.trainable, _mask(model, unit), 3, sigma,
-                        "rademacher")
+    t = E.draw_tangents(
+        jax.random.PRNGKey(0), model.trainable, _mask(model, unit), 3, sigma, "rademacher"
+    )
     for k, v in t.items():
         want = {sigma} if k in unit else {0.0}
         assert set(np.unique(np.abs(np.asarray(v))).tolist()) == want, k
