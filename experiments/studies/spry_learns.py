@@ -42,7 +42,16 @@ def get_study():
         arms={
             "spry_exact": Arm(
                 {"method": "spry", "fwd.head": "exact", "fwd.num_tangents": 4},
-                grid={"client.lr": [2e-3]},
+                grid={"client.lr": [2e-3, 4e-3]},
+            ),
+            "spry_fa": Arm(
+                {
+                    "method": "spry",
+                    "fwd.head": "exact",
+                    "fwd.num_tangents": 4,
+                    "fwd.lora_a": "frozen",
+                },
+                grid={"client.lr": [2e-3, 4e-3]},
             ),
             "head_exact": Arm(
                 {
@@ -58,7 +67,13 @@ def get_study():
         tune_seeds=(1,),
         seeds=(1, 2, 3),
         rounds=20,
-        pairs=[("spry_exact", "head_exact"), ("fedavg", "spry_exact"), ("fedavg", "head_exact")],
+        pairs=[
+            ("spry_exact", "head_exact"),
+            ("spry_fa", "head_exact"),
+            ("spry_fa", "spry_exact"),
+            ("fedavg", "spry_exact"),
+            ("fedavg", "head_exact"),
+        ],
         claims=[
             Claim(
                 "Spry's forward gradients add >= 2 points over training the head alone (floor)",
@@ -68,6 +83,14 @@ def get_study():
                 margin=0.02,
             ),
             Claim("Spry's LoRA adds over the head alone", "spry_exact", "head_exact", ">"),
+            Claim(
+                "Spry with A frozen (LoRA-FA) adds >= 2 points over the head alone",
+                "spry_fa",
+                "head_exact",
+                ">",
+                margin=0.02,
+            ),
+            Claim("Freezing A helps the forward gradient", "spry_fa", "spry_exact", ">"),
             Claim(
                 "Spry within 6.16 points of backprop FedAvg (REFERENCE.md §4)",
                 "spry_exact",
