@@ -347,3 +347,28 @@ def test_cli_exits_2_with_one_line_on_a_user_error(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert lines[-1] == expected
     assert [line for line in lines if line.startswith("spry_jax.study")] == [expected]
+
+
+@pytest.mark.parametrize(
+    "study_file",
+    [
+        "experiments/studies/smoke.py",
+        "experiments/studies/spry_learns.py",
+        "experiments/studies/paper_cpu.py",
+        "experiments/studies/paper_cpu.py:k",
+        "experiments/studies/paper_cpu.py:clients",
+        "experiments/studies/paper_cpu.py:peft",
+        "experiments/studies/paper_cpu.py:comm",
+    ],
+)
+def test_every_shipped_study_cell_is_a_valid_config(study_file):
+    """A typo in a study file (a method, a field, a value) must fail here, not hours into it."""
+    from spry_jax.config import validate
+    from spry_jax.study import runner as study_runner
+    from spry_jax.study.spec import load_study
+
+    study = load_study(study_file)
+    cells = study_runner.tune_cells(study)
+    assert cells
+    for cell in cells:
+        validate(cell.config)
