@@ -359,6 +359,8 @@ def test_cli_exits_2_with_one_line_on_a_user_error(tmp_path):
         "experiments/studies/paper_cpu.py:clients",
         "experiments/studies/paper_cpu.py:peft",
         "experiments/studies/paper_cpu.py:comm",
+        "experiments/studies/paper_gpu.py",
+        "experiments/studies/paper_gpu.py:offline",
     ],
 )
 def test_every_shipped_study_cell_is_a_valid_config(study_file):
