@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 _HUB_PATTERNS = [
     "config.json",
+    "quantize_config.json",  # AutoGPTQ's GPTQ parameters (spry_jax.models.gptq)
     "*.safetensors",
     "*.safetensors.index.json",
     "tokenizer.json",
