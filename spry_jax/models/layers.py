@@ -114,15 +114,24 @@ def _opaque_zero_vmap(axis_size: int, in_batched: list[bool], v: Array):
     return _opaque_zero(v), False
 
 
-def _dequantize_tied(qweight: Array, scale: Array, quant: str, tie_to: Array) -> Array:
+def _dequantize_tied(
+    qweight: Array, scale: Array, zero: Array | None, quant: str, group: int | None, tie_to: Array
+) -> Array:
     """The kernel in ``tie_to``'s dtype, dequantised from int codes tied to ``tie_to``: the same
     values, but an XLA computation of its own that cannot start before ``tie_to`` exists."""
     tied = qweight + _opaque_zero(tie_to).astype(qweight.dtype)
-    return quant_lib.dequantize(tied, scale, quant, tie_to.dtype)
+    return quant_lib.dequantize(tied, scale, quant, tie_to.dtype, zero, group)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def quantized_matmul(x: Array, qweight: Array, scale: Array, quant: str) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def quantized_matmul(
+    x: Array,
+    qweight: Array,
+    scale: Array,
+    zero: Array | None,
+    quant: str,
+    group: int | None = None,
+) -> Array:
     """``x @ dequantize(qweight, scale)`` whose backward pass stores only ``qweight`` and
     ``scale`` and dequantises the kernel again once the output's cotangent has arrived.
 
@@ -139,26 +148,27 @@ def quantized_matmul(x: Array, qweight: Array, scale: Array, quant: str) -> Arra
 
     Args:
       x: ``[..., in]`` activations (their dtype is the compute dtype).
-      qweight, scale: the frozen quantised kernel (:func:`spry_jax.models.quant.quantize`);
-        they get no gradient.
+      qweight, scale, zero: the frozen quantised kernel (:func:`spry_jax.models.quant.quantize`;
+        ``zero`` None unless the int4 kernel has zero points); they get no gradient.
       quant: "int8" or "int4".
+      group: int4 rows per scale group (None: ``in / n_groups``).
 
     Returns:
       ``[..., out]``, the value of the plain ``x @ W``.
     """
-    return jnp.matmul(x, _dequantize_tied(qweight, scale, quant, x))
+    return jnp.matmul(x, _dequantize_tied(qweight, scale, zero, quant, group, x))
 
 
-def _quantized_matmul_fwd(x, qweight, scale, quant):
-    return quantized_matmul(x, qweight, scale, quant), (qweight, scale)
+def _quantized_matmul_fwd(x, qweight, scale, zero, quant, group):
+    return quantized_matmul(x, qweight, scale, zero, quant, group), (qweight, scale, zero)
 
 
-def _quantized_matmul_bwd(quant, residuals, g):
-    qweight, scale = residuals
-    w = _dequantize_tied(qweight, scale, quant, g)
+def _quantized_matmul_bwd(quant, group, residuals, g):
+    qweight, scale, zero = residuals
+    w = _dequantize_tied(qweight, scale, zero, quant, group, g)
     # The contraction reverse mode uses for ``x @ W`` (no transposed copy of W).
     dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
-    return dx, None, None
+    return dx, None, None, None
 
 
 quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
@@ -226,7 +236,15 @@ class Linear(nnx.Module):
     Attributes:
       kernel: ``[in, out]``; ``nnx.Param`` in ``dtype`` for quant="none", else
         :class:`QuantizedWeight` (int8 ``[in, out]`` or packed uint8 ``[in/2, out]``).
-      kernel_scale: :class:`QuantizedWeight` float32 scales (None when not quantised).
+      kernel_scale: :class:`QuantizedWeight` scales (None when not quantised): float32 from
+        our own quantisation, the checkpoint's float16 for a GPTQ base.
+      kernel_zero: int4 only, :class:`QuantizedWeight` ``uint8 [n_groups, out]`` zero points
+        of an asymmetric GPTQ kernel; None means 8 for every group (symmetric).
+      input_perm: int4 only, :class:`QuantizedWeight` ``int32 [in]`` for a GPTQ act-order
+        kernel: its rows are stored in the order ``x[..., input_perm]`` (so that every scale
+        group is a run of consecutive rows) and the layer permutes its input to match; None
+        means the natural order.
+      quant_group: int4 input rows per scale group (static; the last group may be shorter).
       bias: ``nnx.Param [out]`` or None.
       lora_a, lora_b: ``nnx.LoRAParam`` ``[in, r]`` and ``[r, out]`` once :meth:`add_lora` ran.
       ia3: :class:`IA3Param` ``[out]`` (scales the output) or ``[in]`` (scales the input, for the
@@ -260,6 +278,11 @@ class Linear(nnx.Module):
             q, s = quant_lib.quantize(w, quant, group_size)
             self.kernel = QuantizedWeight(q)
             self.kernel_scale = QuantizedWeight(s)
+        self.kernel_zero = nnx.data(None)
+        self.input_perm = nnx.data(None)
+        self.quant_group = (
+            quant_lib.int4_group_size(in_features, group_size) if quant == "int4" else None
+        )
         self.bias = nnx.Param(jnp.zeros((out_features,), self.dtype)) if use_bias else None
         self.lora_a = nnx.data(None)
         self.lora_b = nnx.data(None)
@@ -286,20 +309,80 @@ class Linear(nnx.Module):
         self.ia3 = IA3Param(jnp.ones((n,), jnp.float32))
         self.ia3_on_input = bool(on_input)
 
-    def weight(self, dtype) -> Array:
-        """The base kernel ``[in, out]`` dequantised to ``dtype`` (a per-call temporary; with
-        XLA's memory-optimising scheduler only about one layer's float kernel is live at once)."""
+    def set_int4(
+        self,
+        codes: Array,
+        scale: Array,
+        *,
+        group: int,
+        zero: Array | None = None,
+        perm: Array | None = None,
+    ) -> None:
+        """Replaces the base by an int4 kernel in the layout of :mod:`spry_jax.models.quant`
+        (e.g. one loaded from a GPTQ checkpoint, :mod:`spry_jax.models.gptq`).
+
+        Args:
+          codes: packed ``uint8 [in / 2, out]`` codes in [0, 15] (rows in ``perm`` order).
+          scale: ``[ceil(in / group), out]`` float scales.
+          group: input rows per scale group.
+          zero: ``uint8 [n_groups, out]`` zero points, or None for 8 (symmetric).
+          perm: ``int32 [in]``: row ``k`` of the kernel multiplies input feature ``perm[k]``.
+        """
+        n_groups = -(-self.in_features // group)
+        want = {
+            "codes": ((self.in_features // 2, self.out_features), codes.shape),
+            "scale": ((n_groups, self.out_features), scale.shape),
+        }
+        if zero is not None:
+            want["zero"] = ((n_groups, self.out_features), zero.shape)
+        if perm is not None:
+            want["perm"] = ((self.in_features,), perm.shape)
+        for name, (expected, got) in want.items():
+            if tuple(got) != expected:
+                raise ValueError(f"int4 {name} has shape {tuple(got)}, expected {expected}.")
+        self.quant = "int4"
+        self.quant_group = int(group)
+        self.kernel = QuantizedWeight(codes)
+        self.kernel_scale = QuantizedWeight(scale)
+        self.kernel_zero = nnx.data(None) if zero is None else QuantizedWeight(zero)
+        self.input_perm = nnx.data(None) if perm is None else QuantizedWeight(perm)
+
+    def _stored_weight(self, dtype) -> Array:
         scale = None if self.kernel_scale is None else self.kernel_scale[...]
-        return quant_lib.dequantize(self.kernel[...], scale, self.quant, dtype)
+        zero = None if self.kernel_zero is None else self.kernel_zero[...]
+        return quant_lib.dequantize(
+            self.kernel[...], scale, self.quant, dtype, zero, self.quant_group
+        )
+
+    def weight(self, dtype) -> Array:
+        """The base kernel ``[in, out]`` (natural input order) dequantised to ``dtype`` (a
+        per-call temporary; with XLA's memory-optimising scheduler only about one layer's
+        float kernel is live at once)."""
+        w = self._stored_weight(dtype)
+        if self.input_perm is not None:
+            w = jnp.zeros_like(w).at[self.input_perm[...]].set(w)
+        return w
 
     def __call__(self, x: Array, *, dropout_rng: Array | None = None) -> Array:
         """Applies the layer; ``dropout_rng`` drives LoRA dropout (None = deterministic)."""
         dt = x.dtype
         x_in = x * self.ia3[...].astype(dt) if self.ia3 is not None and self.ia3_on_input else x
+        if self.input_perm is not None:
+            # Act-order GPTQ: the kernel's rows are in this order (a gather of the activations,
+            # O(tokens * in), instead of gathering scales and zeros per row of the kernel).
+            x_in = jnp.take(x_in, self.input_perm[...], axis=-1)
         if self.quant != "none" and _LAZY_DEQUANT.get():
-            y = quantized_matmul(x_in, self.kernel[...], self.kernel_scale[...], self.quant)
+            zero = None if self.kernel_zero is None else self.kernel_zero[...]
+            y = quantized_matmul(
+                x_in,
+                self.kernel[...],
+                self.kernel_scale[...],
+                zero,
+                self.quant,
+                self.quant_group,
+            )
         else:
-            y = jnp.matmul(x_in, self.weight(dt))
+            y = jnp.matmul(x_in, self._stored_weight(dt))
         if self.bias is not None:
             y = y + self.bias[...].astype(dt)
         if self.lora_a is not None:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spry_jax.models import gptq as gptq_lib
 from spry_jax.models import registry
 from spry_jax.models.layers import Linear
 from spry_jax.models.peft import (
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 _HUB_PATTERNS = [
     "config.json",
+    "quantize_config.json",  # AutoGPTQ's GPTQ parameters (spry_jax.models.gptq)
     "*.safetensors",
     "*.safetensors.index.json",
     "tokenizer.json",
@@ -320,6 +322,7 @@ def load_weights(
     source: str = "checkpoint",
     seed: int = 0,
     initializer_range: float = 0.02,
+    gptq: gptq_lib.GPTQConfig | None = None,
 ) -> nnx.Module:
     """Fills an (abstract) model from checkpoint tensors and returns the concrete model.
 
@@ -329,6 +332,9 @@ def load_weights(
       source: named in error messages.
       seed: seeds the task head when the checkpoint has none.
       initializer_range: std of that head's normal init (transformers' default 0.02).
+      gptq: the checkpoint's GPTQ parameters (:mod:`spry_jax.models.gptq`); its Linear layers
+        stored as ``qweight``/``qzeros``/``scales``/``g_idx`` become int4 kernels (the model
+        must be built with quant="int4"; float Linear weights are rounded to int4 as usual).
 
     Raises:
       ValueError: a tensor whose shape does not match (named), or weights missing from the
@@ -340,7 +346,33 @@ def load_weights(
     head = tuple(getattr(model, "head_prefixes", ()))
     values: dict[str, Any] = {}
     unused: list[str] = []
+    pending: dict[str, dict[str, np.ndarray]] = {}
+    names: dict[str, str] = {}
+    int4: dict[str, gptq_lib.Int4Kernel] = {}
+
+    def finish(parent: str) -> None:
+        lin, parts = linears[parent], pending.pop(parent)
+        k = gptq_lib.to_int4(parts, gptq, lin.in_features, lin.out_features, names[parent])
+        int4[parent] = k
+        values[f"{parent}/kernel"], values[f"{parent}/kernel_scale"] = k.codes, k.scale
+
     for key, arr in tensors:
+        split = gptq_lib.split_key(key) if gptq is not None else None
+        if split is not None:
+            base, part = split
+            path = model.hf_key_to_path(f"{base}.weight")
+            path = None if path is None else _resolve_leaf(path, flat)
+            parent, _, leaf = (path or "").rpartition("/")
+            if parent not in linears or leaf != "kernel":
+                unused.append(key)
+                continue
+            if linears[parent].quant != "int4":
+                raise ValueError(f"{key!r} is GPTQ-quantised but {parent} is not an int4 layer.")
+            pending.setdefault(parent, {})[part] = np.asarray(arr)
+            names[parent] = base
+            if len(pending[parent]) == len(gptq_lib.PARTS):
+                finish(parent)
+            continue
         path = model.hf_key_to_path(key)
         if path is None:
             continue
@@ -371,6 +403,8 @@ def load_weights(
                 f"{tuple(target.shape)}; the config does not match the weights."
             )
         values[path] = np.asarray(arr).astype(target.dtype)
+    for parent in list(pending):
+        finish(parent)  # layers stored without g_idx (allowed without act-order)
     if unused:
         log.info(
             "Ignored %d tensors of %s not used by the model: %s", len(unused), source, unused[:8]
@@ -400,7 +434,20 @@ def load_weights(
     new_state = nnx.from_flat_state(
         [(pt, v.replace(jnp.asarray(values[k]))) for k, (pt, v) in flat.items()]
     )
-    return nnx.merge(graphdef, new_state)
+    merged = nnx.merge(graphdef, new_state)
+    if int4:
+        by_path = dict(iter_modules(merged))
+        for parent, k in int4.items():
+            lin = by_path[parent]
+            lin.set_int4(
+                lin.kernel[...],
+                lin.kernel_scale[...],
+                group=k.group,
+                zero=None if k.zero is None else jnp.asarray(k.zero),
+                perm=None if k.perm is None else jnp.asarray(k.perm),
+            )
+        log.info("Loaded %d GPTQ int4 layers from %s.", len(int4), source)
+    return merged
 
 
 def from_pretrained(
@@ -428,6 +475,9 @@ def from_pretrained(
       dtype: "float32"/"bfloat16" (or a dtype): storage of the frozen float weights and the
         activation dtype. The head and PEFT weights stay float32.
       quant: "none", "int8" or "int4": weight-only quantised Linear kernels (frozen base).
+        A GPTQ checkpoint (``quantization_config`` in config.json, or quantize_config.json) is
+        loaded as the int4 base from its packed codes (:mod:`spry_jax.models.gptq`), with
+        "none" or "int4"; its float Linear weights, if any, are rounded to int4.
       allow_pickle: accept PyTorch ``.bin`` pickles (needs torch).
       peft: a PEFT config; the returned model is already adapted (:func:`apply_peft`).
       seed: seeds the task head (when new) and the LoRA A matrices.
@@ -449,6 +499,14 @@ def from_pretrained(
             raise FileNotFoundError(f"{src} has no config.json (needed to build the model).")
         config = transformers.AutoConfig.from_pretrained(str(src))
         tensors = iter_checkpoint(src, allow_pickle)
+    gptq = None if _is_gguf(src) else gptq_lib.read_config(src, config)
+    if gptq is not None:
+        if quant not in ("none", "int4"):
+            raise ValueError(
+                f"quant={quant!r} cannot be applied to {src}: it is a GPTQ 4-bit checkpoint, "
+                "loaded as the int4 base; pass quant='int4' or leave the default."
+            )
+        quant = "int4"
     config = _apply_overrides(config, overrides, dropout)
     model = build_model(
         config,
@@ -466,6 +524,7 @@ def from_pretrained(
         source=str(src),
         seed=seed,
         initializer_range=float(getattr(config, "initializer_range", 0.02) or 0.02),
+        gptq=gptq,
     )
     if peft is not None:
         apply_peft(model, peft, seed=seed)

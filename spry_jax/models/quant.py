@@ -7,15 +7,20 @@ runs use a 4-bit base with float32 compute). Kernels use the ``[in, out]`` layou
 
 * ``int8``: symmetric, one float32 scale per output channel: ``w ~= q * scale[None, :]``,
   ``q`` in [-127, 127]. Storage: 1 byte per weight + 4 bytes per output channel.
-* ``int4``: symmetric, one float32 scale per (group of ``group_size`` input rows, output
-  channel), ``q`` in [-8, 7], two values packed into one ``uint8`` along the input axis
-  (row ``2i`` in the low nibble, ``2i+1`` in the high nibble). Storage: 0.5 byte per weight +
-  4 bytes per group and output channel (0.25 bit/weight at group 128).
+* ``int4``: one scale per (group of ``g`` consecutive input rows, output channel) and codes
+  ``u`` in [0, 15], two packed into one ``uint8`` along the input axis (row ``2i`` in the low
+  nibble, ``2i+1`` in the high nibble): ``w = (u - z) * scale``. Our own round-to-nearest
+  quantisation is symmetric: ``z = 8`` for every group (no zero points stored), float32 scales.
+  Storage: 0.5 byte per weight + 4 bytes per group and output channel (0.25 bit/weight at
+  group 128). GPTQ checkpoints (:mod:`spry_jax.models.gptq`) use the same layout with the
+  checkpoint's float16 scales and, when asymmetric, one ``uint8`` zero point ``z`` per group
+  and output channel; rows are grouped as GPTQ groups them (the last group may be shorter).
 
-qwix (Google's JAX quantisation library) was considered; it intercepts Flax modules by rewriting
-their ``__call__`` and targets quantised training/serving, while Spry needs only a frozen
-weight-only base that stays transparent to ``jax.jvp``. Twenty lines of explicit
-quantise/dequantise do that with no interception and are easy to audit.
+qwix (Google's JAX quantisation library) was considered twice (README, "GPTQ bases"); it
+intercepts Flax modules by rewriting their ``__call__`` and targets quantised
+training/serving, while Spry needs only a frozen weight-only base that stays transparent to
+``jax.jvp``, with GPTQ's zero points. Explicit quantise/dequantise does that with no
+interception and is easy to audit.
 """
 
 from __future__ import annotations
@@ -81,29 +86,83 @@ def quantize(
     return packed, scale
 
 
-def dequantize(qweight: Array, scale: Array | None, quant: str, dtype) -> Array:
-    """Inverse of :func:`quantize`: the ``[in, out]`` kernel in ``dtype``."""
+def dequantize(
+    qweight: Array,
+    scale: Array | None,
+    quant: str,
+    dtype,
+    zero: Array | None = None,
+    group_size: int | None = None,
+) -> Array:
+    """Inverse of :func:`quantize`: the ``[in, out]`` kernel in ``dtype``.
+
+    Args:
+      qweight, scale: as :func:`quantize` returns them (int4 scales ``[n_groups, out]``, any
+        float dtype).
+      quant: "none", "int8" or "int4".
+      dtype: the result's dtype (also the dtype the arithmetic runs in).
+      zero: int4 only: integer zero points ``[n_groups, out]``; None means 8 (symmetric).
+      group_size: int4 only: input rows per group (row ``i`` is in group ``i // group_size``,
+        the last group may be shorter); None means ``in / n_groups``.
+    """
     if quant == "none":
         return qweight.astype(dtype)
     if quant == "int8":
         return qweight.astype(dtype) * scale[None, :].astype(dtype)
     if quant == "int4":
         half_in, n_out = qweight.shape
+        n_in = 2 * half_in
         lo = (qweight & 0x0F).astype(jnp.int8)
         hi = (qweight >> 4).astype(jnp.int8)
-        q = jnp.stack([lo, hi], axis=1).reshape(2 * half_in, n_out) - 8
+        u = jnp.stack([lo, hi], axis=1).reshape(n_in, n_out)
         n_groups = scale.shape[0]
-        grouped = q.reshape(n_groups, -1, n_out).astype(dtype) * scale[:, None, :].astype(dtype)
-        return grouped.reshape(2 * half_in, n_out)
+        g = n_in // n_groups if group_size is None else int(group_size)
+        if -(-n_in // g) != n_groups:
+            raise ValueError(
+                f"int4 kernel with {n_in} input rows and {n_groups} scale groups does not fit "
+                f"group_size={g}."
+            )
+        if zero is None:
+            offset = (u - 8).astype(dtype)
+        else:
+            offset = u.astype(dtype) - _rows(zero, g, n_in).astype(dtype)
+        if n_groups * g == n_in:
+            grouped = offset.reshape(n_groups, g, n_out) * scale[:, None, :].astype(dtype)
+            return grouped.reshape(n_in, n_out)
+        return offset * _rows(scale, g, n_in).astype(dtype)
     raise ValueError(f"quant={quant!r} is not supported; use one of {QUANT_MODES}.")
 
 
-def quantized_nbytes(in_features: int, out_features: int, quant: str, dtype=jnp.float32) -> int:
-    """Bytes a kernel of this shape occupies in storage (the expected weight memory)."""
+def _rows(per_group: Array, g: int, n_in: int) -> Array:
+    """``[n_groups, out]`` -> ``[n_in, out]``, row ``i`` taken from group ``i // g``."""
+    return jnp.repeat(per_group, g, axis=0, total_repeat_length=n_in)
+
+
+def quantized_nbytes(
+    in_features: int,
+    out_features: int,
+    quant: str,
+    dtype=jnp.float32,
+    *,
+    group_size: int | None = None,
+    scale_bytes: int = 4,
+    zero_points: bool = False,
+    act_order: bool = False,
+) -> int:
+    """Bytes a kernel of this shape occupies in storage (the expected weight memory).
+
+    The keyword arguments describe other int4 layouts than our own round-to-nearest one
+    (defaults): a GPTQ kernel (:mod:`spry_jax.models.gptq`) has ``group_size`` from its
+    checkpoint, float16 scales (``scale_bytes=2``), a ``uint8`` zero point per group and
+    output channel when asymmetric, and an ``int32`` input permutation when act-order.
+    """
     check_quant(quant)
     if quant == "none":
         return in_features * out_features * jnp.dtype(dtype).itemsize
     if quant == "int8":
         return in_features * out_features + 4 * out_features
-    g = int4_group_size(in_features)
-    return in_features * out_features // 2 + 4 * (in_features // g) * out_features
+    g = int4_group_size(in_features) if group_size is None else group_size
+    n_groups = -(-in_features // g)
+    per_group = scale_bytes + (1 if zero_points else 0)
+    perm = 4 * in_features if act_order else 0
+    return in_features * out_features // 2 + per_group * n_groups * out_features + perm

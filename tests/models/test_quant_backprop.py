@@ -204,5 +204,6 @@ def test_dequantize_tied_is_exact_for_non_finite_ties():
         q, s = quant.quantize(w, mode)
         plain = quant.dequantize(q, s, mode, jnp.float32)
         for v in (jnp.nan, jnp.inf, -jnp.inf, 0.0, 3.0):
-            tied = layers._dequantize_tied(q, s, mode, jnp.full((2, 3), v, jnp.float32))
+            tie = jnp.full((2, 3), v, jnp.float32)
+            tied = layers._dequantize_tied(q, s, None, mode, None, tie)
             np.testing.assert_array_equal(tied, plain)
