@@ -114,15 +114,24 @@ def _load_tokenizer(config: ml_collections.ConfigDict):
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     """Data, model, method row and the jitted round program for a config."""
     config_lib.validate(config)
+    try:
+        tokenizer = _load_tokenizer(config)
+    except (OSError, ValueError) as e:  # FileNotFoundError, the hub offline or unreachable
+        what = config.model.tokenizer or config.model.name
+        raise ConfigError(
+            f"tokenizer {what!r} (model.tokenizer, or model.name when it is empty): {e}"
+        ) from e
     fed = data_lib.make_federated_data(
-        config.data,
-        num_clients=config.num_clients,
-        tokenizer=_load_tokenizer(config),
-        seed=config.seed,
+        config.data, num_clients=config.num_clients, tokenizer=tokenizer, seed=config.seed
     )
-    model = models.make_split_model(
-        config.model, config.peft, task=fed.task, num_labels=fed.num_labels, seed=config.seed
-    )
+    try:
+        model = models.make_split_model(
+            config.model, config.peft, task=fed.task, num_labels=fed.num_labels, seed=config.seed
+        )
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:  # an unknown name, missing files, a bad model value
+        raise ConfigError(f"model.name={config.model.name!r}: {e}") from e
     parts = methods.build_round_parts(config, model.head_keys, tuple(model.trainable))
     units = units_lib.make_units(
         model.order,
