@@ -6,12 +6,16 @@ need; ``--config.KEY=VALUE`` overrides any field on the command line.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-from spry_jax.core import round as round_lib
+from spry_jax.errors import ConfigError
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -41,10 +45,25 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.max_examples = 0  # 0 = all; else a deterministic subsample (CPU runs)
     c.data.qa_stride = 128  # QA: overlap of the sliding window over long contexts
     c.data.path = ""  # local file/directory for csv/jsonl/parquet/squad_json or a hub copy
+    # True: the official test split (hub datasets), a local file's split-column "test" rows, or
+    # a heldout_fraction hash split stays out of the clients and is scored after the last round
+    # (eval/heldout_* in summary.json). False (paper): pool everything. A split column implies it.
+    c.data.heldout = False
+    c.data.heldout_fraction = 0.0  # data.heldout without an official test split: hashed share
+    c.data.columns = ml_collections.ConfigDict()  # csv/jsonl/parquet: which column is what
+    c.data.columns.text = "text"  # the (first) text
+    c.data.columns.text_pair = ""  # the second text of a sentence pair; "" = none
+    c.data.columns.label = "label"  # the label: names (strings) or indices 0..K-1
+    c.data.columns.group = ""  # a natural group (user, movie) for partition=natural; "" = none
+    c.data.columns.split = "split"  # rows "train"/"test" (test = held out), used if present
+    # Local files: the label set in index order, e.g. "('neg','pos')" (or "neg,pos"); () = the
+    # labels found in the file (a warning lists them; integer labels must then be 0..K-1).
+    c.data.label_names = ()
     c.data.vocab_size = 128  # synthetic only: token ids in [4, vocab_size)
     c.data.num_examples = 2000  # synthetic only
     c.data.num_labels = 2  # synthetic only
     c.data.seq_len = 16  # synthetic only
+    c.data.synthetic_seed = 0  # synthetic only: the generator's seed (not the experiment's)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "minilm"  # registry alias, hub id or local directory
@@ -125,6 +144,9 @@ def default_config() -> ml_collections.ConfigDict:
     # JSON rows {"label", "accuracy", "ci95", "source"} printed beside this run when it ends
     c.report.reference = ""  # e.g. the study figures a config is compared with; "" = none
     c.log_memory = True  # record XLA's memory estimate of one client step (compiles it once)
+    c.memory = ml_collections.ConfigDict()  # the memory check before the first round
+    c.memory.check = True  # refuse a round whose estimated peak exceeds the memory available
+    c.memory.budget_gib = 0.0  # 0 = what the process can use now (device, cgroup, MemAvailable)
     return c
 
 
@@ -183,7 +205,7 @@ def local_variant(
 
 def check_variant(variant: str, known: tuple[str, ...] = ("", "local")) -> None:
     if variant not in known:
-        raise ValueError(
+        raise ConfigError(
             f"config variant {variant!r} is unknown; use one of {known} (file.py:local)."
         )
 
@@ -191,66 +213,112 @@ def check_variant(variant: str, known: tuple[str, ...] = ("", "local")) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Rejects invalid values before any work, naming the field and the fix."""
     from spry_jax import methods  # local: methods imports optax/jax-heavy modules
+    from spry_jax.core import round as round_lib
+    from spry_jax.data import federated as federated_lib
 
-    methods.get_method(config.method)
+    try:
+        methods.get_method(config.method)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if config.rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {config.rounds}")
+        raise ConfigError(f"rounds must be >= 1, got {config.rounds}")
     if config.num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {config.num_clients}")
+        raise ConfigError(f"num_clients must be >= 1, got {config.num_clients}")
     if not 1 <= config.clients_per_round <= config.num_clients:
-        raise ValueError(
+        raise ConfigError(
             f"clients_per_round={config.clients_per_round} must be in [1, num_clients="
             f"{config.num_clients}]; lower clients_per_round or raise num_clients."
         )
     for field in ("eval_every", "checkpoint_every"):
         if config[field] < 0:
-            raise ValueError(f"{field} must be >= 0, got {config[field]}")
+            raise ConfigError(f"{field} must be >= 0, got {config[field]}")
     if config.keep_checkpoints < 1:
-        raise ValueError(f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
+        raise ConfigError(f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
     if config.comm_mode not in round_lib.COMM_MODES:
-        raise ValueError(f"comm_mode={config.comm_mode!r}; choose one of {round_lib.COMM_MODES}.")
+        raise ConfigError(f"comm_mode={config.comm_mode!r}; choose one of {round_lib.COMM_MODES}.")
     if config.round.backend not in round_lib.BACKENDS:
-        raise ValueError(
+        raise ConfigError(
             f"round.backend={config.round.backend!r}; choose one of {round_lib.BACKENDS}."
         )
     if config.client.lr <= 0:
-        raise ValueError(f"client.lr must be > 0, got {config.client.lr}")
+        raise ConfigError(f"client.lr must be > 0, got {config.client.lr}")
     if config.server.lr is not None and config.server.lr <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"server.lr must be > 0 (or unset for the default), got {config.server.lr}"
         )
     if config.client.epochs < 1:
-        raise ValueError(f"client.epochs must be >= 1, got {config.client.epochs}")
+        raise ConfigError(f"client.epochs must be >= 1, got {config.client.epochs}")
     if config.client.batch_size < 1:
-        raise ValueError(f"client.batch_size must be >= 1, got {config.client.batch_size}")
+        raise ConfigError(f"client.batch_size must be >= 1, got {config.client.batch_size}")
     if config.client.max_steps < 0:
-        raise ValueError(f"client.max_steps must be >= 0, got {config.client.max_steps}")
+        raise ConfigError(f"client.max_steps must be >= 0, got {config.client.max_steps}")
     if config.fwd.num_tangents < 1:
-        raise ValueError(f"fwd.num_tangents must be >= 1, got {config.fwd.num_tangents}")
+        raise ConfigError(f"fwd.num_tangents must be >= 1, got {config.fwd.num_tangents}")
     if config.fwd.sigma <= 0:
-        raise ValueError(f"fwd.sigma must be > 0, got {config.fwd.sigma}")
+        raise ConfigError(f"fwd.sigma must be > 0, got {config.fwd.sigma}")
     if config.zo.fwdllm_client_var_threshold < 0:
-        raise ValueError(
+        raise ConfigError(
             "zo.fwdllm_client_var_threshold must be >= 0 (0 = off), got "
             f"{config.zo.fwdllm_client_var_threshold}"
         )
     if config.split.tensors_per_unit < 1:
-        raise ValueError(
+        raise ConfigError(
             f"split.tensors_per_unit must be >= 1, got {config.split.tensors_per_unit}"
         )
-    val_fraction = config.data.get("val_fraction", 0.0)
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    # Data-independent data checks (alpha, fractions, ...), before anything is loaded.
+    federated_lib.check_data_config(config.data)
+    if config.memory.budget_gib < 0 or not math.isfinite(config.memory.budget_gib):
+        raise ConfigError(
+            f"memory.budget_gib must be >= 0 (0 = the memory available), got "
+            f"{config.memory.budget_gib}"
+        )
     if config.report.reference and not os.path.isfile(config.report.reference):
-        raise ValueError(
+        raise ConfigError(
             f"report.reference={config.report.reference!r} is not a file; give the path of a "
             "JSON list of reference rows, or set report.reference='' to print none."
         )
     # Method/comm-mode compatibility and optimizer names are checked by building the parts.
-    methods.build_round_parts(config)
-    from spry_jax import data
+    try:
+        methods.build_round_parts(config)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
-    if config.data.name not in data.dataset_names():
-        raise ValueError(
-            f"data.name={config.data.name!r} is unknown; choose one of {data.dataset_names()}."
-        )
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"server.optimizer": ..., ...}``: the leaf fields of a (nested) ConfigDict or dict."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, (ml_collections.ConfigDict, Mapping)):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def closest_fields(key: str, fields: list[str] | None = None, n: int = 3) -> list[str]:
+    """The declared fields (dotted) nearest to a misspelt ``key``, for "did you mean" lines."""
+    if fields is None:
+        fields = sorted(flatten(default_config()))
+    close = difflib.get_close_matches(key, fields, n=n, cutoff=0.6)
+    # A misspelt group (data.colums) is closest to its members, which difflib ranks low.
+    groups = [f for f in fields if f.startswith(key.rsplit(".", 1)[0] + ".")]
+    leaf = key.rsplit(".", 1)[-1]
+    close += [f for f in groups if f not in close and leaf[:4] in f][: max(0, n - len(close))]
+    return close[:n]
+
+
+def added_with_default(field: str, value: Any) -> bool:
+    """True if ``field`` (dotted) is declared in :func:`default_config` with ``value`` as its
+    default: a record written before the field existed then describes the same experiment (a
+    field is only ever added with the default that reproduces the old behaviour)."""
+    defaults = flatten(default_config().to_dict())
+    if field not in defaults:
+        return False
+    default = defaults[field]
+    if isinstance(default, tuple):
+        default = list(default)
+    if isinstance(value, tuple):
+        value = list(value)
+    return value == default

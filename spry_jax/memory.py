@@ -71,3 +71,68 @@ def client_step_memory(
     compilation, so a run's client compute is this times the local steps it took."""
     compiled = compile_client_step(spec, params, frozen, batch)
     return {**peak_bytes(compiled), "flops": flops(compiled)}
+
+
+GIB = 2**30
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def host_available_bytes() -> tuple[int | None, str]:
+    """Host memory this process can still allocate: the smaller of the kernel's
+    ``MemAvailable`` and the room left under the cgroup's limit (v2 ``memory.max`` -
+    ``memory.current``, or v1 ``limit_in_bytes`` - ``usage_in_bytes``). (None, "") if neither
+    can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append((int(line.split()[1]) * 1024, "MemAvailable"))
+                    break
+    except OSError:
+        pass
+    for limit, usage, name in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "cgroup memory.max"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+            "cgroup v1 limit",
+        ),
+    ):
+        lim, use = _read_int(limit), _read_int(usage)
+        if lim is not None and use is not None and lim < 2**60:  # v1 "no limit" is ~2**63
+            found.append((max(lim - use, 0), name))
+    if not found:
+        return None, ""
+    return min(found)
+
+
+def available_bytes(device: Any = None) -> tuple[int | None, str]:
+    """Memory a round on ``device`` (default: the first device) can still use, and its source:
+    an accelerator's ``memory_stats()`` (``bytes_limit - bytes_in_use``), else the host's
+    (:func:`host_available_bytes`)."""
+    device = device or jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+            return free, f"{device.device_kind} memory_stats"
+    return host_available_bytes()
+
+
+def round_memory(
+    step: dict[str, int | float], frozen_bytes: int, clients_at_once: int
+) -> dict[str, int]:
+    """The round's estimated peak beyond what is already resident: ``clients_at_once`` client
+    steps (:func:`client_step_memory`), each without the frozen base, which they share and
+    which is already in memory."""
+    per_client = max(int(step["peak_bytes"]) - int(frozen_bytes), 0)
+    return {"per_client_bytes": per_client, "round_bytes": per_client * clients_at_once}

@@ -20,6 +20,25 @@ def write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` ([] if it is missing), skipping a torn last line."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
 def brief(record: dict[str, Any]) -> str:
     keys = (
         "train/loss",
@@ -46,16 +65,9 @@ class MetricsLog:
 
     def __init__(self, path: str, keep_before: int = 0):
         self.path = path
-        self.records: list[dict[str, Any]] = []
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if rec.get("round", math.inf) < keep_before:
-                        self.records.append(rec)
+        self.records = [
+            rec for rec in read_records(path) if rec.get("round", math.inf) < keep_before
+        ]
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             for rec in self.records:

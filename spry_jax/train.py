@@ -8,11 +8,14 @@ the model registry and the algorithm table.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -31,6 +34,7 @@ from spry_jax import methods, models, reporting, tasks
 from spry_jax import metrics as metrics_lib
 from spry_jax.core import round as round_lib
 from spry_jax.core import units as units_lib
+from spry_jax.errors import ConfigError, UserError
 from spry_jax.types import SplitModel
 
 
@@ -110,15 +114,24 @@ def _load_tokenizer(config: ml_collections.ConfigDict):
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     """Data, model, method row and the jitted round program for a config."""
     config_lib.validate(config)
+    try:
+        tokenizer = _load_tokenizer(config)
+    except (OSError, ValueError) as e:  # FileNotFoundError, the hub offline or unreachable
+        what = config.model.tokenizer or config.model.name
+        raise ConfigError(
+            f"tokenizer {what!r} (model.tokenizer, or model.name when it is empty): {e}"
+        ) from e
     fed = data_lib.make_federated_data(
-        config.data,
-        num_clients=config.num_clients,
-        tokenizer=_load_tokenizer(config),
-        seed=config.seed,
+        config.data, num_clients=config.num_clients, tokenizer=tokenizer, seed=config.seed
     )
-    model = models.make_split_model(
-        config.model, config.peft, task=fed.task, num_labels=fed.num_labels, seed=config.seed
-    )
+    try:
+        model = models.make_split_model(
+            config.model, config.peft, task=fed.task, num_labels=fed.num_labels, seed=config.seed
+        )
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:  # an unknown name, missing files, a bad model value
+        raise ConfigError(f"model.name={config.model.name!r}: {e}") from e
     parts = methods.build_round_parts(config, model.head_keys, tuple(model.trainable))
     units = units_lib.make_units(
         model.order,
@@ -180,18 +193,10 @@ RESUMABLE_FIELDS = (
     "round",
     "report",
     "resume_allow_schedule_change",
+    "memory",
 )
 
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"server.optimizer": ..., ...}`` from a (nested) ConfigDict or dict."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, (ml_collections.ConfigDict, dict)):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+_flatten = config_lib.flatten
 
 
 def _identity(exp: Experiment) -> dict[str, Any]:
@@ -229,7 +234,13 @@ def restore(
         "instead of factor(r / (old rounds - 1)); the rounds already run keep theirs). Set "
         "--config.resume_allow_schedule_change=True to continue on the stretched schedule."
     )
-    return manager.restore_latest(template, _identity(exp), ignore=ignore, hints={"rounds": hint})
+    return manager.restore_latest(
+        template,
+        _identity(exp),
+        ignore=ignore,
+        hints={"rounds": hint},
+        added_with_default=config_lib.added_with_default,
+    )
 
 
 def models_fingerprint(model: SplitModel) -> str:
@@ -345,8 +356,32 @@ def evaluate_all_clients(
             f"{prefix}f1": out["eval/generalized_f1"],
             f"{prefix}examples": out["eval/examples"],
         }
-    eval_fn = tasks.make_eval_fn(exp.model)
     union = {k: np.concatenate([data[c][k] for c in clients]) for k in data[0]}
+    return _score_classification(exp, params, frozen, union, prefix)
+
+
+def evaluate_heldout(exp: Experiment, params: Any, frozen: Any) -> dict[str, float]:
+    """The global model on the dataset's global held-out set (``data.heldout``, or a local
+    file's split column): ``eval/heldout_*``, ``{}`` when there is none."""
+    held = exp.fed.heldout
+    if held is None:
+        return {}
+    if exp.fed.task == "qa":
+        out = evaluate_qa(exp, params, frozen, np.arange(1), tables=[held])
+        return {
+            "eval/heldout_exact_match": out["eval/generalized_exact_match"],
+            "eval/heldout_f1": out["eval/generalized_f1"],
+            "eval/heldout_examples": out["eval/examples"],
+        }
+    return _score_classification(exp, params, frozen, held, "eval/heldout_")
+
+
+def _score_classification(
+    exp: Experiment, params: Any, frozen: Any, union: dict[str, np.ndarray], prefix: str
+) -> dict[str, float]:
+    """Accuracy, loss, example count and the majority-class control of ``params`` on the
+    examples ``union`` (per-example arrays), with keys ``prefix + name``."""
+    eval_fn = tasks.make_eval_fn(exp.model)
     packed = data_lib.pack_eval([union], batch_size=exp.config.eval_batch_size)
     keys = ("input_ids", "attention_mask", "token_type_ids", "labels", "example_mask")
     keys = [k for k in keys if k in packed]  # token_type_ids: text pairs only
@@ -374,6 +409,7 @@ def evaluate_qa(
     clients: np.ndarray,
     client_deltas: dict[str, Any] | None = None,
     split: str = "test",
+    tables: list[dict[str, np.ndarray]] | None = None,
 ) -> dict[str, float]:
     """SQuAD v2 exact match / F1 (percent) on the clients' local test (or ``split="val"``:
     validation) features, with the standard n-best post-processing (host side), over the union
@@ -387,6 +423,8 @@ def evaluate_qa(
         = ``clients[i]``: client ``clients[i]`` is scored with its own model
         ``params + delta[i]`` (``eval/personalized_*``).
       split: ``"test"`` or ``"val"``.
+      tables: per client, the feature arrays to score instead of ``exp.fed``'s ``split``
+        (the held-out set: one table).
     """
     apply = jax.jit(lambda p, ids, m: exp.model.apply_fn(p, frozen, ids, m, None))
     bs = exp.config.eval_batch_size
@@ -394,7 +432,7 @@ def evaluate_qa(
     name = "generalized" if client_deltas is None else "personalized"
     preds: dict[int, str] = {}
     for slot, c in enumerate(clients):
-        t = getattr(exp.fed, split)[c]
+        t = (tables if tables is not None else getattr(exp.fed, split))[c]
         n = len(t["input_ids"])
         if n == 0:
             continue
@@ -432,40 +470,216 @@ def client_step_memory(exp: Experiment) -> dict[str, int | float]:
     return memory_lib.client_step_memory(exp.spec, exp.model.trainable, exp.model.frozen, batch)
 
 
+def clients_at_once(exp: Experiment) -> int:
+    """How many client steps the round holds in one memory at a time: every slot under
+    ``vmap``; under ``shard_map`` the slots of one device on an accelerator, all of them on the
+    CPU (whose devices share the host's memory); one for the ``loop``/``debug`` backends."""
+    backend = exp.spec.backend
+    if backend in ("loop", "debug"):
+        return 1
+    if backend == "shard_map" and jax.devices()[0].platform != "cpu":
+        return max(1, exp.spec.num_slots // exp.spec.mesh.shape[round_lib.CLIENT_AXIS])
+    return exp.spec.num_slots
+
+
+def check_round_memory(
+    exp: Experiment, step: dict[str, int | float]
+) -> dict[str, int | float | str]:
+    """Compares the round's estimated peak with the memory the process can use, before round 0.
+
+    The estimate is XLA's for one client step of this experiment (``step``, from
+    :func:`client_step_memory`), without the frozen base the clients share, times the clients
+    held at once (:func:`clients_at_once`). XLA's figure for the batched program is not exactly
+    that sum, so an estimate within 30 % of the limit only warns.
+
+    Returns:
+      The figures (``memory/round_estimate_bytes``, ``memory/available_bytes``, the source).
+
+    Raises:
+      ConfigError: the estimate exceeds the available memory (``memory.budget_gib`` if set);
+        the message has the numbers and the knobs that lower them.
+    """
+    c = exp.config
+    frozen_bytes = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(exp.model.frozen))
+    at_once = clients_at_once(exp)
+    est = memory_lib.round_memory(step, frozen_bytes, at_once)
+    if c.memory.budget_gib > 0:
+        available, source = int(c.memory.budget_gib * memory_lib.GIB), "memory.budget_gib"
+    else:
+        available, source = memory_lib.available_bytes()
+    out = {
+        "memory/round_estimate_bytes": est["round_bytes"],
+        "memory/available_bytes": available,
+        "memory/available_source": source,
+    }
+    if available is None:
+        logging.warning("memory check: the available memory cannot be read; not checked.")
+        return out
+    gib = lambda b: f"{b / memory_lib.GIB:.2f} GiB"  # noqa: E731
+    detail = (
+        f"about {gib(est['round_bytes'])} for the round ({at_once} client(s) at once x "
+        f"{gib(est['per_client_bytes'])}: XLA's peak of one client step, "
+        f"{gib(int(step['peak_bytes']))}, less the shared frozen base, {gib(frozen_bytes)}), "
+        f"against {gib(available)} available ({source})"
+    )
+    knobs = (
+        f"lower client.batch_size ({c.client.batch_size}), data.max_length "
+        f"({c.data.get('max_length')}) or clients_per_round ({c.clients_per_round}), or run "
+        "clients one at a time (round.backend=loop)"
+    )
+    if est["round_bytes"] > available:
+        raise ConfigError(
+            f"Not enough memory for this run: {detail}. To fit, {knobs}; to run anyway, "
+            "--config.memory.check=False (or set --config.memory.budget_gib)."
+        )
+    if est["round_bytes"] > 0.7 * available:
+        logging.warning(
+            "memory check: %s; it may not fit (the estimate is approximate). If it is killed, %s.",
+            detail,
+            knobs,
+        )
+    return out
+
+
+def _check_metrics_cover(path: str, start: int, directory: str) -> None:
+    """Refuses to resume after ``start`` rounds when ``metrics.jsonl`` lacks some of them: the
+    summary, its totals and the curves would silently leave them out."""
+    have = {r.get("round") for r in metrics_lib.read_records(path)}
+    missing = [r for r in range(start) if r not in have]
+    if missing:
+        span = f"{missing[0]}..{missing[-1]}" if len(missing) > 1 else str(missing[0])
+        raise UserError(
+            f"{path} lacks rounds {span} ({len(missing)} of the {start} the checkpoint in "
+            f"{directory} has run); a resume would leave them out of summary.json and "
+            "curves.png. Put the metrics file back (it is never rebuilt from checkpoints), or "
+            "use a new --workdir."
+        )
+
+
+def _write_config(path: str, config: ml_collections.ConfigDict, resumed: bool) -> None:
+    """Writes ``config.json`` on a fresh start; on a resume only if a field a resume may change
+    (:data:`RESUMABLE_FIELDS`) changed -- every other field matched the checkpoint."""
+    new = json.loads(config.to_json())
+    if resumed and os.path.exists(path):
+        old = metrics_lib.read_json(path)
+        if old == new:
+            return
+        changed = sorted(
+            k
+            for k in set(_flatten(old)) | set(_flatten(new))
+            if _flatten(old).get(k) != _flatten(new).get(k)
+        )
+        logging.info("config.json updated on resume: %s changed.", ", ".join(changed[:10]))
+    metrics_lib.write_json_atomic(path, new)
+
+
+def _write_summary(path: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """Writes ``summary.json``, never with less than it had: a rerun of a finished run with an
+    evaluation switched off (``eval_all_clients=False``) keeps the figures already there, which
+    are of the same final model (same ``rounds``; the checkpoint proved the experiment)."""
+    old = metrics_lib.read_json(path) if os.path.exists(path) else None
+    if old and old.get("rounds") == summary["rounds"]:
+        kept = [k for k in old.get("final", {}) if k not in summary["final"]]
+        summary["final"] = {**{k: old["final"][k] for k in kept}, **summary["final"]}
+        for k, v in old.items():
+            if summary.get(k) is None and v is not None:
+                summary[k] = v
+                kept.append(k)
+        if kept:
+            logging.info("summary.json keeps %s from the previous run's.", ", ".join(kept))
+    metrics_lib.write_json_atomic(path, summary)
+    return summary
+
+
+@contextlib.contextmanager
+def _clean_start(workdir: str) -> Iterator[Any]:
+    """Removes what a run created in ``workdir`` if it fails before its first round is logged
+    (then the call yields ``commit``, which the run calls once it has), so a refused or failed
+    start leaves the workdir as it found it."""
+    names = ("config.json", "metrics.jsonl", "tensorboard", "checkpoints", "summary.json")
+    existed = os.path.isdir(workdir)
+    before = {n for n in names if os.path.lexists(os.path.join(workdir, n))}
+    done = []
+    try:
+        yield lambda: done.append(True)
+    except BaseException:
+        if not done:
+            for n in names:
+                p = os.path.join(workdir, n)
+                if n not in before and os.path.lexists(p):
+                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+            if not existed and os.path.isdir(workdir) and not os.listdir(workdir):
+                os.rmdir(workdir)
+        raise
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) an experiment in ``workdir``; returns the summary.
 
     Writes ``config.json``, ``metrics.jsonl`` (one record per round; on eval rounds the eval
     fields are of the model that round starts from, see :func:`run_round`), ``checkpoints/``
     (orbax) and ``summary.json``, whose ``final`` is entirely of the final global model:
-    :func:`evaluate_final` plus ``eval/all_clients_*``. Rerunning the same command resumes from
-    the last checkpoint (refused if the experiment changed, :func:`restore`); the metrics of
-    rounds after it are recomputed bit-for-bit.
+    :func:`evaluate_final` plus ``eval/all_clients_*`` (and ``eval/heldout_*`` with a global
+    held-out set). Rerunning the same command resumes from the last checkpoint that restores
+    (refused if the experiment changed, :func:`restore`, or if ``metrics.jsonl`` lacks rounds
+    it covers); the metrics of rounds after it are recomputed bit-for-bit. Everything that can
+    refuse the run (config, data, checkpoint, memory: :func:`check_round_memory`) runs before
+    anything is written, and a run that fails before its first round leaves the workdir as it
+    found it.
     """
     config = ml_collections.ConfigDict(config)
     config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
     t_build = time.time()
     exp = build_experiment(config)
+    logging.info("Built the experiment in %.1fs.", time.time() - t_build)
     identity = _identity(exp)
     state = exp.init_state()
-    manager = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
-    restored = restore(exp, manager, state)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    manager = None
     start = 0
-    if restored is not None:
-        state, start = restored
-        state = exp.replicate(state)
-        logging.info("Resumed from the checkpoint after round %d.", start - 1)
-    metrics_lib.write_json_atomic(
-        os.path.join(workdir, "config.json"), json.loads(config.to_json())
-    )
-    log = metrics_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"), keep_before=start)
-    board = reporting.TensorBoard(workdir)
-    memory = client_step_memory(exp) if config.log_memory else {}
+    if os.path.isdir(ckpt_dir):
+        manager = ckpt_lib.Checkpointer(ckpt_dir, config.keep_checkpoints)
+        restored = restore(exp, manager, state)
+        if restored is not None:
+            state, start = restored
+            state = exp.replicate(state)
+            _check_metrics_cover(os.path.join(workdir, "metrics.jsonl"), start, ckpt_dir)
+            logging.info("Resumed from the checkpoint after round %d.", start - 1)
+    check = config.memory.check and start < config.rounds
+    step_memory = client_step_memory(exp) if (config.log_memory or check) else {}
+    if check:
+        check_round_memory(exp, step_memory)
+    memory = step_memory if config.log_memory else {}
+    with _clean_start(workdir) as commit:
+        os.makedirs(workdir, exist_ok=True)
+        _write_config(os.path.join(workdir, "config.json"), config, resumed=start > 0)
+        log = metrics_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"), keep_before=start)
+        board = reporting.TensorBoard(workdir)
+        if manager is None:
+            manager = ckpt_lib.Checkpointer(ckpt_dir, config.keep_checkpoints)
+        if start >= config.rounds:
+            commit()
+        return _run_rounds(exp, state, start, manager, log, board, memory, identity, commit)
+
+
+def _run_rounds(
+    exp: Experiment,
+    state: round_lib.ServerState,
+    start: int,
+    manager: ckpt_lib.Checkpointer,
+    log: metrics_lib.MetricsLog,
+    board: Any,
+    memory: dict[str, Any],
+    identity: dict[str, Any],
+    commit: Any,
+) -> dict[str, Any]:
+    """The round loop, the final evaluation and ``summary.json`` (see :func:`train_and_evaluate`)."""
+    config = exp.config
+    workdir = os.path.dirname(manager.directory)
     progress = reporting.Progress(start, config.rounds)
     logging.info(
         "method=%s model=%s data=%s: %d trainable tensors in %d units, %d clients/round, "
-        "%d local steps, build %.1fs",
+        "%d local steps",
         config.method,
         config.model.name,
         config.data.name,
@@ -473,7 +687,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         exp.spec.units.num_units,
         config.clients_per_round,
         exp.num_steps,
-        time.time() - t_build,
     )
     frozen = exp.replicate(exp.model.frozen)
     wall0 = time.time()
@@ -512,6 +725,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             record.update({f"memory/client_step_{k}": v for k, v in memory.items()})
         record.update(evaluation)
         log.append(record)
+        commit()
         board.write(record)
         progress.update(record)
         logging.info("round %d: %s", r, metrics_lib.brief(record))
@@ -522,6 +736,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     final = evaluate_final(exp, state, frozen)
     if config.eval_all_clients:
         final.update(evaluate_all_clients(exp, state.params, frozen))
+    final.update(evaluate_heldout(exp, state.params, frozen))
     done = int(state.round)
     # TensorBoard step r of an eval scalar is the model after r rounds, so the final model is r=R.
     board.write({"round": done, **final})
@@ -549,5 +764,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "comm/down_bytes": log.total("comm/down_bytes"),
         **{f"memory/client_step_{k}": v for k, v in memory.items()},
     }
-    metrics_lib.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-    return summary
+    return _write_summary(os.path.join(workdir, "summary.json"), summary)

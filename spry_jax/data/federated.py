@@ -18,7 +18,14 @@ import numpy as np
 from spry_jax.data import partition as part_lib
 from spry_jax.data import qa as qa_lib
 from spry_jax.data.errors import DataError
-from spry_jax.data.registry import DEFAULT_PARTITION, TextDataset, cfg_get, load_dataset
+from spry_jax.data.registry import (
+    DEFAULT_PARTITION,
+    LOADERS,
+    TextDataset,
+    dataset_names,
+    load_dataset,
+    resolve_data_config,
+)
 from spry_jax.data.tokenize import cached_arrays, tokenize_texts, tokenizer_fingerprint
 
 
@@ -93,6 +100,38 @@ def validation_split(
     return train[~moved], train[moved]
 
 
+PARTITIONS = ("dirichlet", "group_dirichlet", "natural", "iid")
+
+
+def check_data_config(data_cfg: Any) -> None:
+    """The checks of a data config that need no data (names, alpha, fractions, sizes), so a
+    mistake is reported before anything is loaded or tokenised. The one place they live:
+    ``config.validate`` calls it, and so does :func:`make_federated_data`.
+
+    Raises:
+      DataError: naming the field and the fix.
+    """
+    cfg = resolve_data_config(data_cfg)
+    if cfg.name not in LOADERS:
+        raise DataError(f"data.name={cfg.name!r} is unknown; choose one of {dataset_names()}.")
+    partition = cfg.get("partition")
+    if partition and partition not in PARTITIONS:
+        raise DataError(f"data.partition={partition!r} is unknown; choose one of {PARTITIONS}.")
+    alpha = float(cfg.alpha)
+    if not np.isfinite(alpha) or alpha <= 0:
+        raise DataError(f"data.alpha must be a positive finite number, got {cfg.alpha}")
+    for field in ("test_fraction", "val_fraction", "heldout_fraction"):
+        value = float(cfg[field])
+        if not 0.0 <= value < 1.0:
+            raise DataError(f"data.{field} must be in [0, 1), got {cfg[field]}")
+    if cfg.max_examples < 0:
+        raise DataError(f"data.max_examples must be >= 0 (0 = all), got {cfg.max_examples}")
+    if cfg.get("max_length") is not None and cfg.max_length < 1:
+        raise DataError(f"data.max_length must be >= 1, got {cfg.max_length}")
+    if cfg.heldout and cfg.name == "synthetic":
+        raise DataError("data.heldout: the synthetic dataset has no held-out split; unset it")
+
+
 def _tokenize_all(
     ds: TextDataset, tokenizer: Any, tokenizer_fp: str | None, cfg: Any
 ) -> dict[str, np.ndarray]:
@@ -103,7 +142,7 @@ def _tokenize_all(
         return arrays
     if tokenizer is None:
         raise DataError(f"dataset {ds.name!r} needs a tokenizer (only 'synthetic' runs without)")
-    max_length = int(cfg_get(cfg, "max_length", 384 if ds.task == "qa" else 64))
+    max_length = int(cfg.get("max_length") or (384 if ds.task == "qa" else 64))
     key = {
         "dataset": ds.content_hash(),
         "tokenizer": tokenizer_fp,
@@ -111,7 +150,7 @@ def _tokenize_all(
         "task": ds.task,
     }
     if ds.task == "qa":
-        stride = int(cfg_get(cfg, "qa_stride", 128))
+        stride = int(cfg.qa_stride)
         key["stride"] = stride
         return cached_arrays(
             key,
@@ -159,20 +198,35 @@ def make_federated_data(
     Returns:
       The :class:`FederatedData`.
     """
+    data_cfg = resolve_data_config(data_cfg)
+    check_data_config(data_cfg)
     ds = load_dataset(data_cfg)
     tokenizer_fp = None
     if ds.features is None and tokenizer is not None:
         tokenizer_fp = tokenizer_fingerprint(tokenizer)
     arrays = _tokenize_all(ds, tokenizer, tokenizer_fp, data_cfg)
-    use_heldout = bool(cfg_get(data_cfg, "heldout", False))
+    # A local file's split column says which rows are test rows: they are always held out.
+    use_heldout = bool(data_cfg.heldout) or ds.split_column is not None
     pool = np.flatnonzero(~ds.heldout) if use_heldout and ds.heldout is not None else None
     if pool is None:
         pool = np.arange(len(ds))
     if len(pool) == 0:
-        raise DataError(f"dataset {ds.name!r}: every example is held out; unset data.heldout")
-    method = cfg_get(data_cfg, "partition", None) or DEFAULT_PARTITION.get(ds.name, "dirichlet")
-    alpha = float(cfg_get(data_cfg, "alpha", 1.0))
-    test_fraction = float(cfg_get(data_cfg, "test_fraction", 0.2))
+        raise DataError(
+            f"dataset {ds.name!r}: every example is held out; unset data.heldout"
+            + (
+                f" or mark some rows 'train' in column {ds.split_column!r}"
+                if ds.split_column
+                else ""
+            )
+        )
+    if use_heldout and not ds.heldout.any():
+        raise DataError(
+            f"data.heldout=True but dataset {ds.name!r} holds nothing out (no official test "
+            "split, no 'test' rows); set data.heldout_fraction (e.g. 0.1) or unset data.heldout"
+        )
+    method = data_cfg.get("partition") or DEFAULT_PARTITION.get(ds.name, "dirichlet")
+    alpha = float(data_cfg.alpha)
+    test_fraction = float(data_cfg.test_fraction)
     parts = part_lib.partition(
         method,
         labels=ds.labels[pool],
@@ -181,9 +235,7 @@ def make_federated_data(
         alpha=alpha,
         seed=seed,
     )
-    val_fraction = float(cfg_get(data_cfg, "val_fraction", 0.0))
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    val_fraction = float(data_cfg.val_fraction)
     split_rng = np.random.default_rng([seed, 0x5EED])
     # A stream of its own, so the train/test split is the same with or without validation.
     val_rng = np.random.default_rng([seed, 0x7A1])
@@ -214,8 +266,8 @@ def make_federated_data(
     fp = {
         "dataset": ds.content_hash(),
         "tokenizer": tokenizer_fp,
-        "max_length": cfg_get(data_cfg, "max_length", None),
-        "qa_stride": cfg_get(data_cfg, "qa_stride", None) if ds.task == "qa" else None,
+        "max_length": data_cfg.get("max_length"),
+        "qa_stride": data_cfg.qa_stride if ds.task == "qa" else None,
         "partition": method,
         "alpha": alpha if method in ("dirichlet", "group_dirichlet") else None,
         "num_clients": num_clients,
@@ -225,6 +277,8 @@ def make_federated_data(
     }
     if val_fraction > 0:  # only then, so runs without validation keep their fingerprint
         fp["val_fraction"] = val_fraction
+    if ds.split_column is not None:  # which rows the file marks "test" (no config field says)
+        fp["heldout_rows"] = hashlib.sha256(np.packbits(ds.heldout).tobytes()).hexdigest()
     return FederatedData(
         task=ds.task,
         num_labels=ds.num_labels,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from spry_jax import assets
 from spry_jax.data import synthetic
@@ -52,6 +53,8 @@ class TextDataset:
       ids: QA only, per example id strings.
       features: pre-tokenized arrays (the synthetic dataset): ``input_ids``,
         ``attention_mask`` [N, L] int32.
+      split_column: the local file's column that marked ``heldout`` (its "test" rows), else
+        None; such a held-out set is always kept out of the clients.
     """
 
     name: str
@@ -65,6 +68,7 @@ class TextDataset:
     answers: list[dict[str, list]] | None = None
     ids: list[str] | None = None
     features: dict[str, np.ndarray] | None = None
+    split_column: str | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -130,14 +134,45 @@ class TextDataset:
             )
 
 
-def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    """``cfg.key`` for a ConfigDict, dict or object, else ``default``."""
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    try:
-        return cfg.get(key, default)
-    except AttributeError:
-        return getattr(cfg, key, default)
+# Fields whose default depends on the dataset when a caller leaves them out (the full config
+# always sets them): the partition (DEFAULT_PARTITION) and max_length (384 for QA, else 64).
+DATASET_DEPENDENT = ("partition", "max_length")
+
+
+def resolve_data_config(data_cfg: Any) -> Any:
+    """``data_cfg`` (a ConfigDict or dict, possibly partial) completed with the defaults of
+    ``default_config().data`` -- the one place data defaults are declared -- except the
+    :data:`DATASET_DEPENDENT` fields, which stay absent when absent.
+
+    Raises:
+      DataError: a key that ``default_config().data`` does not declare (naming the closest).
+    """
+    import ml_collections
+
+    from spry_jax import config as config_lib  # local: config imports this package lazily
+
+    given = data_cfg.to_dict() if isinstance(data_cfg, ml_collections.ConfigDict) else data_cfg
+    defaults = config_lib.default_config().data.to_dict()
+    for k in DATASET_DEPENDENT:
+        defaults.pop(k)
+
+    def merge(base: dict, over: Mapping, prefix: str) -> dict:
+        out = dict(base)
+        for k, v in over.items():
+            if k not in base and k not in DATASET_DEPENDENT:
+                fields = sorted(config_lib.flatten({"data": defaults}))
+                close = config_lib.closest_fields(f"{prefix}{k}", fields)
+                raise DataError(
+                    f"{prefix}{k} is not a data field"
+                    + (f"; did you mean {', '.join(close)}?" if close else "")
+                )
+            if isinstance(base.get(k), dict) and isinstance(v, Mapping):
+                out[k] = merge(base[k], v, f"{prefix}{k}.")
+            else:
+                out[k] = v
+        return out
+
+    return ml_collections.ConfigDict(merge(defaults, dict(given), "data."))
 
 
 def hash_heldout(keys: Sequence[str], fraction: float) -> np.ndarray:
@@ -177,7 +212,7 @@ def _load_rotten_tomatoes(cfg: Any) -> TextDataset:
         labels=np.array(labels, dtype=np.int64),
         label_names=label_names,
         group=np.array(movies, dtype=object),
-        heldout=hash_heldout(texts, float(cfg_get(cfg, "heldout_fraction", 0.0) or 0.0)),
+        heldout=hash_heldout(texts, cfg.heldout_fraction),
     )
 
 
@@ -201,7 +236,7 @@ def _load_bbc_news(cfg: Any) -> TextDataset:
         texts=texts,
         labels=np.array(labels, dtype=np.int64),
         label_names=label_names,
-        heldout=hash_heldout(texts, float(cfg_get(cfg, "heldout_fraction", 0.0) or 0.0)),
+        heldout=hash_heldout(texts, cfg.heldout_fraction),
     )
 
 
@@ -287,7 +322,7 @@ SQUAD_V2 = HubSpec("rajpurkar/squad_v2", None, ("train", "validation"), "questio
 def _open_hub(spec: HubSpec, name: str, cfg: Any):
     import datasets  # imported lazily: heavy, and unused for the offline datasets
 
-    path = cfg_get(cfg, "path", None)
+    path = cfg.path
     try:
         if path and (Path(path) / "dataset_dict.json").exists():
             return datasets.load_from_disk(str(path))
@@ -415,74 +450,179 @@ def read_squad_json(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _load_squad_json(cfg: Any) -> TextDataset:
-    path = cfg_get(cfg, "path", None)
+    path = cfg.path
     if not path:
         raise DataError("data.name='squad_json' needs data.path (a SQuAD-format .json file)")
     rows = read_squad_json(path)
-    frac = float(cfg_get(cfg, "heldout_fraction", 0.0) or 0.0)
-    return _qa_dataset("squad_json", rows, hash_heldout([r["id"] for r in rows], frac))
+    if not rows:
+        raise DataError(f"{path}: no questions; give a SQuAD-format file with at least one")
+    return _qa_dataset(
+        "squad_json", rows, hash_heldout([r["id"] for r in rows], cfg.heldout_fraction)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Local files with a column mapping.
 
 
-def _load_local(fmt: str, cfg: Any) -> TextDataset:
-    path = cfg_get(cfg, "path", None)
-    if not path:
-        raise DataError(f"data.name={fmt!r} needs data.path (a .{fmt} file or a list of files)")
-    columns = dict(cfg_get(cfg, "columns", None) or {})
-    if "text" not in columns or "label" not in columns:
-        raise DataError(
-            f"data.columns must map at least 'text' and 'label' to column names of {path}, "
-            "e.g. {'text': 'review', 'label': 'stars'} (optional: 'text_pair', 'group')"
-        )
-    import datasets
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and not np.isfinite(v))
 
-    builder = {"csv": "csv", "jsonl": "json", "parquet": "parquet"}[fmt]
-    try:
-        table = datasets.load_dataset(builder, data_files=path, split="train")
-    except FileNotFoundError as e:
-        raise DataError(f"data.path {path!r}: {e}") from e
-    wanted = {k: v for k, v in columns.items() if k in ("text", "text_pair", "label", "group")}
-    missing = [f"columns[{k!r}]={v!r}" for k, v in wanted.items() if v not in table.column_names]
-    if missing:
-        raise DataError(
-            f"data.{', '.join(missing)}: no such column in {path}; "
-            f"available columns: {table.column_names}"
-        )
-    raw_labels = table[columns["label"]]
-    given = cfg_get(cfg, "label_names", None)
+
+def _label_index(v: Any) -> int | None:
+    """``v`` as an integer label (ints, and floats with an integral value as CSV readers give
+    for an integer column with a gap), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return int(v)
+    return None
+
+
+def _parse_labels(raw: Sequence[Any], given: Sequence[Any], path: str) -> tuple[list, tuple]:
+    """Label indices and the label set of a local file (see ``data.label_names``).
+
+    Raises:
+      DataError: a null/NaN label, a label outside ``given``, or (without ``given``) integer
+        labels that leave gaps in 0..K-1 (a stray label): each names the file, the row and the fix.
+    """
+    for i, v in enumerate(raw):
+        if _is_missing(v):
+            raise DataError(
+                f"{path}: row {i} has no label ({v!r}); fill it in or drop the row "
+                "(every example needs a label)"
+            )
+    if len(given) == 1 and "," in str(given[0]):  # --config.data.label_names=neg,pos
+        given = [x.strip() for x in str(given[0]).split(",")]
     if given:
         label_names = tuple(str(x) for x in given)
         lookup = {n: i for i, n in enumerate(label_names)}
-        # Labels may be the names themselves or integer indices into the label set.
         labels = []
-        for i, v in enumerate(raw_labels):
+        for i, v in enumerate(raw):
+            idx = _label_index(v)
             if str(v) in lookup:
                 labels.append(lookup[str(v)])
-            elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-                labels.append(int(v))
+            elif idx is not None and 0 <= idx < len(label_names):
+                labels.append(idx)
             else:
                 raise DataError(
-                    f"{path}: label {v!r} of row {i} is not in data.label_names {list(label_names)}"
+                    f"{path}: label {v!r} of row {i} is not in data.label_names "
+                    f"{list(label_names)} (names, or indices 0..{len(label_names) - 1}); fix the "
+                    "row or add the label to data.label_names"
                 )
-    elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw_labels):
-        labels = [int(v) for v in raw_labels]
-        if min(labels) < 0:
-            raise DataError(f"{path}: negative label {min(labels)}; labels must be 0..K-1")
-        label_names = tuple(str(i) for i in range(max(labels) + 1))
+        return labels, label_names
+    indices = [_label_index(v) for v in raw]
+    if all(idx is not None for idx in indices):
+        found = sorted(set(indices))
+        k = found[-1] + 1
+        if found[0] < 0 or len(found) != k:
+            gaps = sorted(set(range(max(k, 0))) - set(found))
+            odd = [x for x in found if x < 0] or [x for x in found if x > gaps[0]]
+            row = indices.index(odd[0])
+            raise DataError(
+                f"{path}: integer labels must be 0..K-1; found {found} (missing {gaps[:10]}), "
+                f"label {odd[0]} first at row {row}. Fix the stray row(s), or set "
+                "data.label_names to the full label set in index order"
+            )
+        label_names = tuple(str(i) for i in range(k))
+        labels = indices
     else:
-        label_names = tuple(sorted({str(v) for v in raw_labels}))
-        labels = [label_names.index(str(v)) for v in raw_labels]
-    texts = [str(t) for t in table[columns["text"]]]
-    pairs = [str(t) for t in table[columns["text_pair"]]] if "text_pair" in columns else None
+        label_names = tuple(sorted({str(v) for v in raw}))
+        lookup = {n: i for i, n in enumerate(label_names)}
+        labels = [lookup[str(v)] for v in raw]
+    counts = np.bincount(labels, minlength=len(label_names))
+    logging.warning(
+        "%s: data.label_names is not set; using the %d labels found: %s. Set data.label_names "
+        "to fix the label set.",
+        path,
+        len(label_names),
+        ", ".join(f"{n} ({c} rows)" for n, c in zip(label_names, counts, strict=True)),
+    )
+    return labels, label_names
+
+
+def _read_table(fmt: str, path: str):
+    """The rows of a local csv/jsonl/parquet file (or list of files) as a ``datasets`` table."""
+    import datasets
+
+    files = [path] if isinstance(path, str) else list(path)
+    for f in files:
+        if not os.path.isfile(f):
+            raise DataError(f"data.path {f!r} is not a file; give the path of a .{fmt} file")
+        if fmt != "parquet":
+            with open(f, "rb") as fh:
+                if not fh.read(1 << 16).strip():
+                    raise DataError(f"data.path {f!r} is empty; give a .{fmt} file with rows")
+    builder = {"csv": "csv", "jsonl": "json", "parquet": "parquet"}[fmt]
+    try:
+        table = datasets.load_dataset(builder, data_files=path, split="train")
+    except Exception as e:  # datasets wraps parser errors in several types (and StopIteration)
+        if "corresponds to no data" in str(e):  # a CSV header alone
+            raise DataError(f"data.path {path!r} has a header but no rows; add examples") from e
+        cause = e.__cause__ or e.__context__ or e
+        raise DataError(
+            f"data.path {path!r} could not be read as {fmt} ({type(cause).__name__}: "
+            f"{str(cause) or type(e).__name__}); check the file's format, or set data.name "
+            "to csv, jsonl or parquet to match it"
+        ) from e
+    if table.num_rows == 0:
+        raise DataError(f"data.path {path!r} has a header but no rows; add examples")
+    return table
+
+
+def _load_local(fmt: str, cfg: Any) -> TextDataset:
+    path = cfg.path
+    if not path:
+        raise DataError(f"data.name={fmt!r} needs data.path (a .{fmt} file or a list of files)")
+    columns = {k: v for k, v in cfg.columns.items() if v}
+    for k in ("text", "label"):
+        if k not in columns:
+            raise DataError(f"data.columns.{k} is empty; name the {k} column of {path}")
+    table = _read_table(fmt, path)
+    # The split column is optional under its default name; any other name must exist.
+    if columns.get("split") == "split" and "split" not in table.column_names:
+        columns.pop("split")
+    missing = [f"columns.{k}={v!r}" for k, v in columns.items() if v not in table.column_names]
+    if missing:
+        raise DataError(
+            f"data.{', data.'.join(missing)}: no such column in {path}; available columns: "
+            f"{table.column_names} (set --config.data.columns.FIELD=NAME)"
+        )
+    labels, label_names = _parse_labels(table[columns["label"]], tuple(cfg.label_names), path)
+
+    def texts_of(field: str) -> list[str]:
+        out = []
+        for i, t in enumerate(table[columns[field]]):
+            if _is_missing(t):
+                raise DataError(
+                    f"{path}: row {i} has no {field} (column {columns[field]!r} is {t!r}); "
+                    "fill it in or drop the row"
+                )
+            out.append(str(t))
+        return out
+
+    texts = texts_of("text")
+    pairs = texts_of("text_pair") if "text_pair" in columns else None
     group = (
         np.array([str(g) for g in table[columns["group"]]], dtype=object)
         if "group" in columns
         else None
     )
     keys = texts if pairs is None else [a + "\x1f" + b for a, b in zip(texts, pairs, strict=True)]
+    heldout = hash_heldout(keys, cfg.heldout_fraction)
+    split_column = None
+    if "split" in columns:
+        split_column = columns["split"]
+        values = [str(v).strip().lower() for v in table[split_column]]
+        for i, v in enumerate(values):
+            if v not in ("train", "test"):
+                raise DataError(
+                    f"{path}: row {i} has {split_column}={table[split_column][i]!r}; the split "
+                    "column holds 'train' or 'test' (set data.columns.split='' to ignore it)"
+                )
+        heldout = np.array([v == "test" for v in values], dtype=bool)
     return TextDataset(
         name=f"{fmt}:{Path(str(path)).name}",
         task="classification",
@@ -491,20 +631,21 @@ def _load_local(fmt: str, cfg: Any) -> TextDataset:
         label_names=label_names,
         text_pairs=pairs,
         group=group,
-        heldout=hash_heldout(keys, float(cfg_get(cfg, "heldout_fraction", 0.0) or 0.0)),
+        heldout=heldout,
+        split_column=split_column,
     )
 
 
 def _load_synthetic(cfg: Any) -> TextDataset:
     arrays = synthetic.make_synthetic(
-        vocab_size=int(cfg_get(cfg, "vocab_size", 64)),
-        num_examples=int(cfg_get(cfg, "num_examples", 512)),
-        num_labels=int(cfg_get(cfg, "num_labels", 2)),
-        seq_len=int(cfg_get(cfg, "seq_len", 16)),
-        seed=int(cfg_get(cfg, "synthetic_seed", 0)),
+        vocab_size=int(cfg.vocab_size),
+        num_examples=int(cfg.num_examples),
+        num_labels=int(cfg.num_labels),
+        seq_len=int(cfg.seq_len),
+        seed=int(cfg.synthetic_seed),
     )
     labels = arrays.pop("labels").astype(np.int64)
-    num_labels = int(cfg_get(cfg, "num_labels", 2))
+    num_labels = int(cfg.num_labels)
     return TextDataset(
         name="synthetic",
         task="classification",
@@ -543,18 +684,21 @@ def load_dataset(data_cfg: Any) -> TextDataset:
     Args:
       data_cfg: ConfigDict (or dict) with ``name`` and, depending on the source, ``path``,
         ``columns``, ``label_names``, ``heldout_fraction``, ``max_examples`` and the synthetic
-        fields ``vocab_size``, ``num_examples``, ``num_labels``, ``seq_len``.
+        fields ``vocab_size``, ``num_examples``, ``num_labels``, ``seq_len``,
+        ``synthetic_seed``; what it leaves out takes ``default_config().data``'s default
+        (:func:`resolve_data_config`).
 
     Returns:
       The validated dataset; with ``max_examples > 0`` a deterministic subsample (seed-free,
       so every experiment seed sees the same examples), in the original order.
     """
-    name = cfg_get(data_cfg, "name", None)
+    data_cfg = resolve_data_config(data_cfg)
+    name = data_cfg.name
     if name not in LOADERS:
         raise DataError(f"unknown data.name {name!r}; known: {', '.join(dataset_names())}")
     ds = LOADERS[name](data_cfg)
     ds.validate()
-    max_examples = int(cfg_get(data_cfg, "max_examples", 0) or 0)
+    max_examples = int(data_cfg.max_examples)
     if max_examples < 0:
         raise DataError(f"data.max_examples must be >= 0 (0 = all), got {max_examples}")
     if 0 < max_examples < len(ds):

@@ -10,8 +10,9 @@ one cell per task::
     python -m spry_jax.study --study=S --workdir=D --stage=final --cell_index=$I
     python -m spry_jax.study --study=S --workdir=D --stage=report
 
-A user error (bad study file, unknown config key, a cell directory of another config) exits
-with status 2 and one line.
+A user error (bad study file, unknown config key, a cell directory of another config, bad data,
+a run that does not fit in memory: any :class:`spry_jax.errors.UserError`) exits with status 2
+and one line.
 """
 
 import os
@@ -20,11 +21,10 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from spry_jax.checkpoint import CheckpointMismatchError
-from spry_jax.data.errors import DataError
+from spry_jax.errors import UserError
 from spry_jax.reporting import QuietLibraries
 from spry_jax.study import runner
-from spry_jax.study.spec import StudyError, load_study
+from spry_jax.study.spec import load_study
 
 _STUDY = flags.DEFINE_string("study", None, "Study file (experiments/studies/<name>.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory: one workdir per cell under it.")
@@ -70,7 +70,7 @@ def main(argv):
             cell_index=_CELL.value,
             command=" ".join(["python -m spry_jax.study", *sys.argv[1:]]),
         )
-    except (StudyError, DataError, CheckpointMismatchError) as e:
+    except UserError as e:  # StudyError, ConfigError, DataError, checkpoint and memory refusals
         print(f"spry_jax.study: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     if results is not None:

@@ -23,6 +23,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from spry_jax import config as config_lib
 from spry_jax import metrics as metrics_lib
 from spry_jax.study.spec import (
     Point,
@@ -135,7 +136,13 @@ def cell_status(cell: Cell, root: str) -> str:
     with open(cfg_path) as f:
         found = _flat(json.load(f))
     want = _flat(config_json(cell.config))
-    diffs = sorted(k for k in set(found) | set(want) if found.get(k) != want.get(k))
+    # A field added to the code since the cell ran, at its default, is the same experiment.
+    diffs = sorted(
+        k
+        for k in set(found) | set(want)
+        if found.get(k) != want.get(k)
+        and not (k not in found and config_lib.added_with_default(k, want[k]))
+    )
     if diffs:
         detail = ", ".join(f"{k}: {found.get(k)!r} there, {want.get(k)!r} now" for k in diffs[:3])
         raise StudyError(

@@ -22,12 +22,14 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from spry_jax.errors import UserError
+
 STAGES = ("tune", "final")
 CLAIM_METRICS = ("test_accuracy", "val_accuracy")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class StudyError(ValueError):
+class StudyError(UserError):
     """A user error in a study file or study directory (the CLI exits with status 2)."""
 
 
