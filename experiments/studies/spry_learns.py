@@ -44,15 +44,6 @@ def get_study():
                 {"method": "spry", "fwd.head": "exact", "fwd.num_tangents": 4},
                 grid={"client.lr": [2e-3, 4e-3]},
             ),
-            "spry_fa": Arm(
-                {
-                    "method": "spry",
-                    "fwd.head": "exact",
-                    "fwd.num_tangents": 4,
-                    "fwd.lora_a": "frozen",
-                },
-                grid={"client.lr": [2e-3, 4e-3]},
-            ),
             "head_exact": Arm(
                 {
                     "method": "spry",
@@ -69,8 +60,6 @@ def get_study():
         rounds=20,
         pairs=[
             ("spry_exact", "head_exact"),
-            ("spry_fa", "head_exact"),
-            ("spry_fa", "spry_exact"),
             ("fedavg", "spry_exact"),
             ("fedavg", "head_exact"),
         ],
@@ -83,14 +72,6 @@ def get_study():
                 margin=0.02,
             ),
             Claim("Spry's LoRA adds over the head alone", "spry_exact", "head_exact", ">"),
-            Claim(
-                "Spry with A frozen (LoRA-FA) adds >= 2 points over the head alone",
-                "spry_fa",
-                "head_exact",
-                ">",
-                margin=0.02,
-            ),
-            Claim("Freezing A helps the forward gradient", "spry_fa", "spry_exact", ">"),
             Claim(
                 "Spry within 6.16 points of backprop FedAvg (REFERENCE.md §4)",
                 "spry_exact",
