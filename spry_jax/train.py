@@ -27,7 +27,7 @@ from spry_jax import checkpoint as ckpt_lib
 from spry_jax import config as config_lib
 from spry_jax import data as data_lib
 from spry_jax import memory as memory_lib
-from spry_jax import methods, models, reporting, tasks
+from spry_jax import methods, models, multihost, reporting, tasks
 from spry_jax import metrics as metrics_lib
 from spry_jax.core import round as round_lib
 from spry_jax.core import units as units_lib
@@ -456,13 +456,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, start = restored
         state = exp.replicate(state)
         logging.info("Resumed from the checkpoint after round %d.", start - 1)
-    metrics_lib.write_json_atomic(
-        os.path.join(workdir, "config.json"), json.loads(config.to_json())
+    # Several processes: each computes every figure (the round's outputs are replicated), only
+    # the primary one writes files (spry_jax.multihost); orbax checkpoints involve all of them.
+    primary = multihost.is_primary()
+    if primary:
+        metrics_lib.write_json_atomic(
+            os.path.join(workdir, "config.json"), json.loads(config.to_json())
+        )
+    log = metrics_lib.MetricsLog(
+        os.path.join(workdir, "metrics.jsonl"), keep_before=start, write=primary
     )
-    log = metrics_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"), keep_before=start)
-    board = reporting.TensorBoard(workdir)
+    board = reporting.TensorBoard(workdir) if primary else reporting.NoBoard()
     memory = client_step_memory(exp) if config.log_memory else {}
-    progress = reporting.Progress(start, config.rounds)
+    progress = reporting.Progress(start, config.rounds, disable=not primary)
     logging.info(
         "method=%s model=%s data=%s: %d trainable tensors in %d units, %d clients/round, "
         "%d local steps, build %.1fs",
@@ -533,7 +539,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("final model, after %d rounds: %s", done, metrics_lib.brief(val))
     board.close()
     progress.close()
-    if log.records:
+    if log.records and primary:
         reporting.plot_run(
             log.records,
             os.path.join(workdir, "curves.png"),
@@ -549,5 +555,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "comm/down_bytes": log.total("comm/down_bytes"),
         **{f"memory/client_step_{k}": v for k, v in memory.items()},
     }
-    metrics_lib.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    if primary:
+        metrics_lib.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     return summary
