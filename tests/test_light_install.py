@@ -29,8 +29,8 @@ class _Hide(importlib.abc.MetaPathFinder):
             return None
         return self.inner.find_spec(name, path, target)
 
-    def invalidate_caches(self):
-        getattr(self.inner, "invalidate_caches", lambda: None)()
+    def __getattr__(self, name):  # find_distributions, invalidate_caches, ...
+        return getattr(self.inner, name)
 
 sys.meta_path[:] = [_Hide(f) for f in sys.meta_path]
 try:
