@@ -21,14 +21,18 @@ setup(
         "absl-py>=2.0",
         "safetensors>=0.4",
         "tokenizers>=0.20",
-        "gguf>=0.10",
         "numpy>=1.26",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
     ],
+    # The base install is what the quickstart needs (no PyTorch). Extras: "gguf" reads GGUF
+    # checkpoints (the smollm2 asset); "test" adds the test suite's tools and PyTorch, which the
+    # tests use for parity against transformers' PyTorch models (the package never imports it).
     extras_require={
+        "gguf": ["gguf>=0.10"],
         "test": [
+            "gguf>=0.10",
             "pytest>=8",
             "pytest-xdist>=3.5",
             "ruff>=0.6",

@@ -39,6 +39,15 @@ def _inject_fault(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+    """Shape, dtype and -- for a ``jax.Array`` -- sharding of a template leaf: restored leaves are
+    placed as the template's are. Several processes: the template is replicated over the global
+    mesh, and orbax needs that sharding to restore arrays no single process holds whole."""
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+
+
 class CheckpointMismatchError(UserError):
     """The checkpoint in the workdir belongs to a different experiment."""
 
@@ -214,9 +223,7 @@ class Checkpointer:
         return None
 
     def _restore_state(self, step: int, template: ServerState) -> ServerState:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), _as_dict(template)
-        )
+        abstract = jax.tree.map(_abstract, _as_dict(template))
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         )["state"]

@@ -60,14 +60,18 @@ class MetricsLog:
 
     On resume (``keep_before=r``) the records of rounds ``>= r`` -- written after the checkpoint
     that is being resumed -- are dropped (atomically) so the file holds each round once. A torn
-    last line from a killed process is dropped too.
+    last line from a killed process is dropped too. With ``write=False`` (a process other
+    than the primary one of a multi-process run) it reads the file but never changes it.
     """
 
-    def __init__(self, path: str, keep_before: int = 0):
+    def __init__(self, path: str, keep_before: int = 0, write: bool = True):
         self.path = path
+        self.write = write
         self.records = [
             rec for rec in read_records(path) if rec.get("round", math.inf) < keep_before
         ]
+        if not write:
+            return
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             for rec in self.records:
@@ -78,6 +82,8 @@ class MetricsLog:
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.write:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()

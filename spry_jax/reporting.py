@@ -38,6 +38,16 @@ class TensorBoard:
         self._writer.close()
 
 
+class NoBoard:
+    """What a process other than the primary one has instead of :class:`TensorBoard`."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        del record
+
+    def close(self) -> None:
+        pass
+
+
 def plot_run(records: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
     """Loss and accuracy against round and against wall time, one PNG (matplotlib, Agg)."""
     import matplotlib
@@ -78,10 +88,12 @@ def plot_run(records: Sequence[dict[str, Any]], path: str, title: str = "") -> N
 class Progress:
     """A tqdm bar over rounds with ETA and the latest metrics (quiet when not a terminal)."""
 
-    def __init__(self, start: int, total: int):
+    def __init__(self, start: int, total: int, disable: bool = False):
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=total, initial=start, unit="round", dynamic_ncols=True)
+        self._bar = tqdm(
+            total=total, initial=start, unit="round", dynamic_ncols=True, disable=disable
+        )
 
     def update(self, record: dict[str, Any]) -> None:
         shown = {"loss": record["train/loss"]}

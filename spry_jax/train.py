@@ -30,7 +30,7 @@ from spry_jax import checkpoint as ckpt_lib
 from spry_jax import config as config_lib
 from spry_jax import data as data_lib
 from spry_jax import memory as memory_lib
-from spry_jax import methods, models, reporting, tasks
+from spry_jax import methods, models, multihost, reporting, tasks
 from spry_jax import metrics as metrics_lib
 from spry_jax.core import round as round_lib
 from spry_jax.core import units as units_lib
@@ -650,11 +650,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if check:
         check_round_memory(exp, step_memory)
     memory = step_memory if config.log_memory else {}
+    # Several processes: each computes every figure (the round's outputs are replicated), only
+    # the primary one writes files (spry_jax.multihost); orbax checkpoints involve all of them.
+    primary = multihost.is_primary()
     with _clean_start(workdir) as commit:
         os.makedirs(workdir, exist_ok=True)
-        _write_config(os.path.join(workdir, "config.json"), config, resumed=start > 0)
-        log = metrics_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"), keep_before=start)
-        board = reporting.TensorBoard(workdir)
+        if primary:
+            _write_config(os.path.join(workdir, "config.json"), config, resumed=start > 0)
+        log = metrics_lib.MetricsLog(
+            os.path.join(workdir, "metrics.jsonl"), keep_before=start, write=primary
+        )
+        board = reporting.TensorBoard(workdir) if primary else reporting.NoBoard()
         if manager is None:
             manager = ckpt_lib.Checkpointer(ckpt_dir, config.keep_checkpoints)
         if start >= config.rounds:
@@ -676,7 +682,8 @@ def _run_rounds(
     """The round loop, the final evaluation and ``summary.json`` (see :func:`train_and_evaluate`)."""
     config = exp.config
     workdir = os.path.dirname(manager.directory)
-    progress = reporting.Progress(start, config.rounds)
+    primary = multihost.is_primary()
+    progress = reporting.Progress(start, config.rounds, disable=not primary)
     logging.info(
         "method=%s model=%s data=%s: %d trainable tensors in %d units, %d clients/round, "
         "%d local steps",
@@ -748,7 +755,7 @@ def _run_rounds(
         logging.info("final model, after %d rounds: %s", done, metrics_lib.brief(val))
     board.close()
     progress.close()
-    if log.records:
+    if log.records and primary:
         reporting.plot_run(
             log.records,
             os.path.join(workdir, "curves.png"),
@@ -764,4 +771,6 @@ def _run_rounds(
         "comm/down_bytes": log.total("comm/down_bytes"),
         **{f"memory/client_step_{k}": v for k, v in memory.items()},
     }
+    if not primary:
+        return summary
     return _write_summary(os.path.join(workdir, "summary.json"), summary)

@@ -374,3 +374,71 @@ def test_every_shipped_study_cell_is_a_valid_config(study_file):
     assert cells
     for cell in cells:
         validate(cell.config)
+
+
+# --- cells as independent processes: a job-array task, then parallel workers ------------------
+
+
+def _without_timings(results: dict) -> dict:
+    """results.json minus what differs between two executions of the same cells."""
+    drop = ("time", "wall", "seconds", "command")
+
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if not any(d in k for d in drop)}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    return clean(results)
+
+
+def test_job_array_task_and_two_parallel_workers_equal_the_in_process_study(smoke, tmp_path):
+    study, ref_root, ref_results = smoke
+    root = str(tmp_path / "parallel")
+    base = [sys.executable, "-m", "spry_jax.study", f"--study={SMOKE}", f"--workdir={root}"]
+    # One task of a job array: the cell index comes from the environment.
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1"}
+    task = base + ["--stage=tune", "--cell_index_env=SLURM_ARRAY_TASK_ID"]
+    out = subprocess.run(task, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cells = tune_cells(study)
+    status = [runner.cell_status(c, root) for c in cells]
+    assert status == ["new", "done", "new", "new"]
+    # Two workers run the rest (cell 1 is skipped), stage by stage, then the report here.
+    out = subprocess.run(
+        base + ["--workers=2"], cwd=ROOT, capture_output=True, text=True, timeout=1200
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    logs = sorted(os.listdir(os.path.join(root, "logs")))
+    assert logs == ["final-0.log", "final-1.log", "tune-0.log", "tune-2.log", "tune-3.log"]
+    with open(os.path.join(root, "results.json")) as f:
+        results = json.load(f)
+    assert _without_timings(results) == _without_timings(json.loads(json.dumps(ref_results)))
+    # Every cell's metrics, bit for bit (not only what results.json summarises).
+    for cell in [*cells, *runner.final_cells(study, select(study, root))]:
+        for name in ("metrics.jsonl",):
+            with open(os.path.join(root, cell.workdir, name)) as f:
+                got = [json.loads(line) for line in f]
+            with open(os.path.join(ref_root, cell.workdir, name)) as f:
+                want = [json.loads(line) for line in f]
+            strip = lambda recs: [  # noqa: E731
+                {k: v for k, v in r.items() if not k.startswith("time/") and "per_s" not in k}
+                for r in recs
+            ]
+            assert strip(got) == strip(want), cell.workdir
+    assert os.path.exists(os.path.join(root, "report.md"))
+
+
+def test_cell_index_env_errors_exit_2_with_one_line(tmp_path):
+    base = [sys.executable, "-m", "spry_jax.study", f"--study={SMOKE}", f"--workdir={tmp_path}"]
+    env = {k: v for k, v in os.environ.items() if k != "SPRY_TASK"}
+    cases = [
+        ([], "--cell_index_env=SPRY_TASK but $SPRY_TASK is not set"),
+        (["--workers=2"], "--workers runs every cell; it does not combine with a cell index"),
+    ]
+    for extra, expected in cases:
+        cmd = base + ["--stage=tune", "--cell_index_env=SPRY_TASK", *extra]
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert out.stderr.strip().splitlines()[-1].startswith(f"spry_jax.study: error: {expected}")

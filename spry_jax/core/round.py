@@ -228,7 +228,18 @@ def _tree_sum0(tree: PyTree) -> PyTree:
 
 
 def _psum(tree: PyTree, axis: str | None) -> PyTree:
-    return jax.lax.psum(tree, axis) if axis else tree
+    """The sum over the devices of ``axis``, in device order, the same on any topology.
+
+    ``lax.psum`` lowers to an all-reduce whose summation order is the collective library's
+    (XLA's in-process one for devices of one process, gloo/NCCL across processes), so the same
+    round on 8 devices of one process and on 2 processes x 4 devices would differ in the last
+    bits. Gathering the per-device partial sums and adding them in one fixed-order reduction
+    makes every topology give the same bits. The gathered tree is ``devices`` copies of the
+    aggregate (PEFT-sized here), a small price for runs that resume and compare exactly.
+    """
+    if not axis:
+        return tree
+    return jax.tree.map(lambda x: jnp.sum(jax.lax.all_gather(x, axis), axis=0), tree)
 
 
 # --------------------------------------------------------------------------------------------

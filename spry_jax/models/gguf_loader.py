@@ -81,11 +81,23 @@ def _reader(path: str | pathlib.Path):
     return _cached_reader(str(f), stat.st_mtime_ns, stat.st_size)
 
 
+def _import_gguf():
+    """The ``gguf`` package (an optional extra: GGUF checkpoints such as the ``smollm2`` asset)."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError(
+            "Reading a GGUF checkpoint (e.g. model.name=smollm2) needs the 'gguf' package, which "
+            'the light install leaves out: pip install -e ".[gguf]" (or pip install gguf).'
+        ) from e
+    return gguf
+
+
 @functools.lru_cache(maxsize=2)
 def _cached_reader(path: str, mtime_ns: int, size: int):
     # Parsing the metadata (50k tokenizer strings) takes seconds; the reader itself only
     # memory-maps the file, so keeping the last two open is cheap. mtime/size key out stale files.
-    import gguf
+    gguf = _import_gguf()
 
     del mtime_ns, size
     return gguf.GGUFReader(path)
@@ -223,7 +235,7 @@ def load_gguf_state_dict(
 
 
 def _state_dict_from_reader(reader, config, dtype) -> dict[str, np.ndarray]:
-    import gguf
+    gguf = _import_gguf()
 
     out: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:

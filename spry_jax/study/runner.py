@@ -17,6 +17,9 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -282,6 +285,80 @@ def run_cells(
     return ran
 
 
+def run_cells_in_workers(
+    study: Study,
+    root: str,
+    stage: str,
+    workers: int,
+    study_path: str,
+    extra_args: Sequence[str] = (),
+    poll_s: float = 0.2,
+) -> list[int]:
+    """Runs the unfinished cells of ``stage`` ("tune" or "final") as independent processes,
+    ``workers`` at a time, each ``python -m spry_jax.study ... --stage=STAGE --cell_index=I``
+    (exactly what one task of a job array runs); returns the indices it ran.
+
+    Every worker writes only its own cell's directory under ``root`` (the layout and files of a
+    cell run in-process); its output goes to ``root/logs/<stage>-<index>.log``.
+
+    Raises:
+      StudyError: a worker exited with an error (the message names the cells and their logs;
+        the other cells still ran).
+    """
+    if stage not in ("tune", "final"):
+        raise StudyError(f"workers run the tune or final stage, not {stage!r}")
+    if workers < 1:
+        raise StudyError(f"--workers={workers} must be >= 1")
+    cells = stage_cells(study, root, stage)
+    todo = [i for i, c in enumerate(cells) if not is_finished(cell_status(c, root))]
+    log_dir = os.path.join(root, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    running: dict[subprocess.Popen, tuple[int, Any, str]] = {}
+    failed: list[str] = []
+    queue = list(todo)
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                i = queue.pop(0)
+                log_path = os.path.join(log_dir, f"{stage}-{i}.log")
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "spry_jax.study",
+                    f"--study={study_path}",
+                    f"--workdir={root}",
+                    f"--stage={stage}",
+                    f"--cell_index={i}",
+                    *extra_args,
+                ]
+                log = open(log_path, "w")  # noqa: SIM115 (closed when the worker ends)
+                logging.info("study cell %s: worker started (log %s)", cells[i].label, log_path)
+                running[subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)] = (
+                    i,
+                    log,
+                    log_path,
+                )
+            time.sleep(poll_s)
+            for proc in [p for p in running if p.poll() is not None]:
+                i, log, log_path = running.pop(proc)
+                log.close()
+                if proc.returncode != 0:
+                    failed.append(f"{cells[i].label} (exit {proc.returncode}, log {log_path})")
+                else:
+                    logging.info("study cell %s: done", cells[i].label)
+    finally:
+        for proc, (_, log, _) in running.items():
+            proc.kill()
+            proc.wait()
+            log.close()
+    if failed:
+        raise StudyError(
+            f"{len(failed)} worker(s) of the {stage} stage failed: {'; '.join(failed)}; rerun "
+            "the same command to retry them (finished cells are skipped)"
+        )
+    return todo
+
+
 def stage_cells(study: Study, root: str, stage: str) -> list[Cell]:
     """The cells of a stage, in the order ``--cell_index`` counts them: "tune", "final" (known
     once every tuning cell is finished), or "all" (tune, then final when known)."""
@@ -305,6 +382,9 @@ def run_study(
     progress: bool = True,
     on_cell_done: Callable[[Cell], None] | None = None,
     command: str = "",
+    workers: int = 1,
+    study_path: str | None = None,
+    worker_args: Sequence[str] = (),
 ) -> dict[str, Any] | None:
     """Runs a study in ``root``: the unfinished cells of the stage, then (stage "all" or
     "report") writes results.json, report.md and the plots and returns the results.
@@ -319,6 +399,10 @@ def run_study(
       progress: show a tqdm bar over the cells, with ETA.
       on_cell_done: called after each cell that ran (tests use it to interrupt a study).
       command: the command line, printed at the top of report.md.
+      workers: > 1: run each stage's unfinished cells as that many parallel processes
+        (:func:`run_cells_in_workers`; needs ``study_path``), then select and report here.
+      study_path: the study file, for the workers' command line.
+      worker_args: further flags for the workers (e.g. ``--noxla_cache``).
     """
     from tqdm.auto import tqdm
 
@@ -327,6 +411,16 @@ def run_study(
     if stage not in ("all", "tune", "final", "report"):
         raise StudyError(f"--stage must be all, tune, final or report, not {stage!r}")
     os.makedirs(root, exist_ok=True)
+    if workers > 1 and cell_index is None and stage != "report":
+        if not study_path:
+            raise StudyError("running cells in workers needs the study file's path")
+        if stage in ("all", "tune"):
+            run_cells_in_workers(study, root, "tune", workers, study_path, worker_args)
+        if stage in ("all", "final"):
+            run_cells_in_workers(study, root, "final", workers, study_path, worker_args)
+        if stage != "all":
+            return None
+        return report.write_outputs(study, root, select(study, root), command)
     if cell_index is not None:
         cells = stage_cells(study, root, stage)
         if not 0 <= cell_index < len(cells):
