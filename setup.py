@@ -9,6 +9,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["spry_jax", "spry_jax.*"]),
+    # Small files read through importlib.resources (spry_jax.resources.path).
+    package_data={"spry_jax.resources": ["*.json"]},
+    include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

@@ -1,4 +1,5 @@
-"""AG News (4 classes) with RoBERTa-large, 100 of 1000 clients per round (REFERENCE.md §3).
+"""AG News (4 classes) with RoBERTa-large, 100 of 1000 clients per round (the Spry paper's
+setting, Panchal et al., NeurIPS 2024).
 
     python -m spry_jax.main --config=experiments/ag_news.py --workdir=runs/ag_news
     python -m spry_jax.main --config=experiments/ag_news.py:local --workdir=runs/ag_news_local

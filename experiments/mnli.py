@@ -1,5 +1,5 @@
 """MNLI (3 classes, premise/hypothesis pairs) with BERT-large, 10 of 1000 clients per round
-(REFERENCE.md §3).
+(the Spry paper's setting, Panchal et al., NeurIPS 2024).
 
     python -m spry_jax.main --config=experiments/mnli.py --workdir=runs/mnli
     python -m spry_jax.main --config=experiments/mnli.py:local --workdir=runs/mnli_local

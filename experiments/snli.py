@@ -1,5 +1,5 @@
 """SNLI (3 classes, premise/hypothesis pairs) with BERT-large, 10 of 1000 clients per round
-(REFERENCE.md §3).
+(the Spry paper's setting, Panchal et al., NeurIPS 2024).
 
     python -m spry_jax.main --config=experiments/snli.py --workdir=runs/snli
     python -m spry_jax.main --config=experiments/snli.py:local --workdir=runs/snli_local

@@ -2,7 +2,7 @@
 sequence 384, split by article title (OPT-13B: --config.model.name=opt-13b).
 
 Split by title the way the paper splits every dataset, with the title in the label's place
-(REFERENCE.md §2): ``data.partition='group_dirichlet'``, a Dirichlet(alpha = 1) over the
+(Panchal et al., NeurIPS 2024: SQuAD v2 is split by article title instead of label): ``data.partition='group_dirichlet'``, a Dirichlet(alpha = 1) over the
 article titles with equal client sizes (``floor(N / 500)`` questions, one more for the first
 ``N mod 500``), every question in exactly one client. A title's questions may span clients:
 SQuAD v2 has 477 titles (train + validation), fewer than the paper's 500 clients, so one
@@ -13,15 +13,13 @@ leave some clients empty.
     python -m spry_jax.main --config=experiments/squad_v2.py:local --workdir=runs/squad_local
 
 Evaluation reports SQuAD v2 exact match and F1 (n-best post-processing) of the global model.
-``:local``: a randomly initialised 2-layer OPT on the small hand-written SQuAD-format file of
-the test suite, tokenized with the MiniLM tokenizer (pipeline check only).
+``:local``: a randomly initialised 2-layer OPT on the small hand-written SQuAD-format file that
+ships with the package (``spry_jax/resources/squad_tiny.json``), tokenized with the MiniLM
+tokenizer (pipeline check only).
 """
 
-import os
-
+from spry_jax import resources
 from spry_jax.config import check_variant, default_config, local_variant, paper_setting
-
-_TINY_SQUAD = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "squad_tiny.json")
 
 
 def get_config(variant: str = ""):
@@ -53,7 +51,7 @@ def get_config(variant: str = ""):
                 "vocab_size": 30522,
             },
         )
-        c.data.path = os.path.abspath(_TINY_SQUAD)
+        c.data.path = resources.path("squad_tiny.json")
         c.data.max_length = 128
         c.data.qa_stride = 32
         c.num_clients = 2

@@ -7,14 +7,13 @@ query/value and a classification head, at the paper's batch 8 x 64 tokens:
   - forward: the loss,
   - jvp: the loss and its directional derivative along one tangent (Spry's estimator, K=1),
   - backprop: the loss and its gradient w.r.t. the LoRA/head weights;
-* XLA peak memory of each compiled step (DESIGN.md): arguments + temp + outputs - aliased,
-  from ``compiled.memory_analysis()``, with XLA's memory-optimising CPU scheduler;
+* XLA peak memory of each compiled step (:func:`spry_jax.memory.peak_bytes`: arguments +
+  temp + outputs - aliased), with XLA's memory-optimising CPU scheduler (set by ``main``);
 * our jitted forward against transformers' PyTorch forward of the same model on the same CPU.
 
 Times on shared machines are noisy: read the ratios, measured in one run. Run::
 
-    XLA_FLAGS=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED \\
-        python scripts/bench_models.py
+    python scripts/bench_models.py
 """
 
 from __future__ import annotations
@@ -24,9 +23,6 @@ import os
 import statistics
 import time
 
-_FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
@@ -35,16 +31,8 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from spry_jax import models  # noqa: E402
-
-
-def _peak_bytes(compiled) -> int:
-    m = compiled.memory_analysis()
-    return (
-        m.argument_size_in_bytes
-        + m.temp_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-    )
+from spry_jax.bench import use_memory_scheduler  # noqa: E402
+from spry_jax.memory import peak_bytes  # noqa: E402
 
 
 def _time(fn, args, iters: int) -> tuple[float, float, object]:
@@ -132,7 +120,7 @@ def bench(name: str, pretrained: bool, batch: int, seq: int, iters: int) -> None
     rows = {}
     for label, fn in (("forward", fwd), ("jvp", jvp), ("backprop", backprop)):
         compile_s, step_s, compiled = _time(fn, args, iters)
-        rows[label] = (compile_s, step_s, _peak_bytes(compiled))
+        rows[label] = (compile_s, step_s, peak_bytes(compiled)["peak_bytes"])
         print(
             f"  {label:9s} compile {compile_s:6.2f} s   step {step_s * 1e3:8.2f} ms   "
             f"XLA peak {rows[label][2] / 2**20:8.1f} MiB"
@@ -157,6 +145,7 @@ def bench(name: str, pretrained: bool, batch: int, seq: int, iters: int) -> None
 
 
 def main() -> None:
+    xla_flags = use_memory_scheduler()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
@@ -167,10 +156,7 @@ def main() -> None:
         help="comma list; minilm is pretrained, others random from the registry",
     )
     args = parser.parse_args()
-    print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform}; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS')}"
-    )
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; XLA_FLAGS={xla_flags}")
     for name in args.models.split(","):
         bench(name, name == "minilm", args.batch, args.seq, args.iters)
 

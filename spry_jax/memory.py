@@ -1,4 +1,4 @@
-"""XLA's memory and FLOP estimates of one client step (DESIGN.md, "Measuring memory").
+"""XLA's memory and FLOP estimates of one client step (peak = arguments + temp + outputs − aliased).
 
 peak = arguments + temporaries + outputs - aliased, from ``compile().memory_analysis()`` (the
 CPU ``peak_memory_in_bytes`` leaves temporaries out); FLOPs from ``compile().cost_analysis()``.

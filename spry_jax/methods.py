@@ -1,7 +1,7 @@
 """The algorithm table: every method is a row, not a training loop.
 
 A method = gradient estimator x split rule x client optimizer x server optimizer x
-communication mode (REFERENCE.md §5). The round program (:mod:`spry_jax.core.round`) never
+communication mode; the baselines are those the Spry paper compares with (Panchal et al., NeurIPS 2024, arXiv 2405.15551). The round program (:mod:`spry_jax.core.round`) never
 branches on a method's name; :func:`build_round_parts` turns a row plus the config into the
 pieces the round needs.
 """

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,3 +111,35 @@ def test_throughput_program_and_loop_time_the_same_round():
         assert t["round_s"] > 0 and t["first_s"] > 0 and t["num_steps"] >= 1
         assert np.isclose(t["clients_per_s"], 2 / t["round_s"])
     assert np.isclose(r["loop_over_program"], r["loop"]["round_s"] / r["program"]["round_s"])
+
+
+_IMPORT_PROBE = """
+import os
+os.environ.pop("XLA_FLAGS", None)
+import spry_jax.bench.fidelity, spry_jax.bench.memory, spry_jax.bench.throughput
+assert "XLA_FLAGS" not in os.environ, os.environ["XLA_FLAGS"]
+from spry_jax.bench import MEMORY_SCHEDULER_FLAG, use_memory_scheduler
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+flags = use_memory_scheduler()
+assert flags == "--xla_force_host_platform_device_count=2 " + MEMORY_SCHEDULER_FLAG, flags
+assert use_memory_scheduler() == flags  # a scheduler already named: unchanged
+import jax
+assert jax.device_count() == 2  # the flags set before the backend started are in force
+os.environ["XLA_FLAGS"] = ""
+try:
+    use_memory_scheduler()
+except RuntimeError as e:
+    assert "XLA_FLAGS=" in str(e)
+else:
+    raise AssertionError("a flag set after the backend started must be refused")
+print("OK")
+"""
+
+
+def test_benchmarks_set_xla_flags_only_from_their_entry():
+    """Importing a benchmark leaves XLA_FLAGS alone; the CLI's helper adds the scheduler
+    before JAX starts and refuses once the backend runs (the flag would be ignored)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-2000:]

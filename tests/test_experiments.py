@@ -1,29 +1,19 @@
 """Every experiment config resolves and validates; every ``:local`` variant builds."""
 
-import glob
-import importlib.util
 import os
 
 import pytest
 
+import experiments
 from spry_jax import config as config_lib
-from spry_jax import train
+from spry_jax import resources, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(
-    os.path.splitext(os.path.basename(p))[0]
-    for p in glob.glob(os.path.join(ROOT, "experiments", "*.py"))
-)
+CONFIGS = list(experiments.names())
 PAPER = ["ag_news", "mnli", "multirc", "snli", "squad_v2", "sst2", "yahoo", "yelp"]
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, "experiments", f"{name}.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return experiments.load(name)
 
 
 def test_every_paper_setting_has_a_config():
@@ -55,3 +45,19 @@ def test_local_variant_builds(name):
     exp = train.build_experiment(_load(name).get_config("local"))
     assert exp.spec.units.num_units >= 1
     assert len(exp.fed.train) == exp.config.num_clients
+
+
+def test_experiments_is_a_package_naming_its_configs():
+    assert experiments.load("smoke").get_config().method == experiments.get_config("smoke").method
+    with pytest.raises(ValueError, match="No experiment config 'smok'; known: .*'smoke'"):
+        experiments.load("smok")
+
+
+def test_local_squad_file_ships_with_the_package():
+    """``squad_v2.py:local`` reads the SQuAD file packaged in ``spry_jax/resources`` (listed in
+    setup.py's package_data), not a file of the test tree."""
+    path = experiments.get_config("squad_v2", "local").data.path
+    assert path == resources.path("squad_tiny.json")
+    assert os.path.isfile(path) and os.sep + "resources" + os.sep in path
+    with pytest.raises(FileNotFoundError, match="have \\['squad_tiny.json'\\]"):
+        resources.path("missing.json")

@@ -3,9 +3,7 @@ claim to be, checked against plain ``jax.grad``, optax and hand aggregation."""
 
 import collections
 import contextlib
-import importlib.util
 import io
-import os
 
 import jax
 import jax.ad_checkpoint
@@ -14,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from experiments import smoke
 from spry_jax import methods, models, tasks
 from spry_jax.config import default_config
 from spry_jax.core import client as C
@@ -22,12 +21,6 @@ from spry_jax.core import round as R
 from spry_jax.core import units as U
 from spry_jax.models import layers
 from tests.core.toy import make_toy_batches, make_toy_model
-
-_spec_file = importlib.util.spec_from_file_location(
-    "smoke", os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "smoke.py")
-)
-smoke = importlib.util.module_from_spec(_spec_file)
-_spec_file.loader.exec_module(smoke)
 
 
 # Compiling one method's round program for the tiny BERT takes ~15-40 s on a 2-core machine,

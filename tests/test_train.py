@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from experiments import smoke, squad_v2
 from spry_jax import config as config_lib
 from spry_jax import train
 from spry_jax.checkpoint import CheckpointMismatchError
@@ -21,12 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _smoke(**overrides) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(
-        "smoke", os.path.join(ROOT, "experiments/smoke.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    cfg = smoke.get_config()
     cfg.round.backend = "vmap"
     for k, v in overrides.items():
         node = cfg
@@ -276,12 +272,7 @@ def _qa_scores(exp, models, clients):
 
 
 def test_personalized_qa_is_each_clients_model_after_local_training(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "squad_v2", os.path.join(ROOT, "experiments/squad_v2.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config("local")
+    cfg = squad_v2.get_config("local")
     _write_squad(tmp_path / "squad.json")
     cfg.data.path = str(tmp_path / "squad.json")
     cfg.data.test_fraction = 0.5

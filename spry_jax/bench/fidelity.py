@@ -5,7 +5,7 @@ Rotten Tomatoes batch (8 examples, 64 tokens, dropout off so the loss is determi
 the gradient of the loss with respect to the trainable weights:
 
 * **Spry** -- each of the M clients of a round draws K tangents on its own units only
-  (REFERENCE.md §2 assignment); ``per-client`` is the mean cosine of a client's estimate to the
+  (the round's unit assignment, :mod:`spry_jax.core.units`); ``per-client`` is the mean cosine of a client's estimate to the
   true gradient restricted to its units; ``round`` is the cosine of the whole round's estimate
   (each unit from the clients that hold it, averaged over them) to the full gradient.
 * **FedFGD** -- K tangents on all trainable weights (no split); one client's estimate.
@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 
 from spry_jax import data as data_lib  # noqa: E402
 from spry_jax import models, tasks  # noqa: E402
-from spry_jax.core import estimators, zero_order  # noqa: E402
-from spry_jax.core import units as units_lib
+from spry_jax.core import aggregation, estimators, zero_order  # noqa: E402
+from spry_jax.core import units as units_lib  # noqa: E402
 from spry_jax.types import Batch, SplitModel, Trainable  # noqa: E402
 
 
@@ -108,20 +108,23 @@ def make_fidelity_fns(model: SplitModel, batch: Batch):
 def spry_round(
     estimate, params: Trainable, units: units_lib.Units, num_clients: int, key: jax.Array
 ) -> tuple[Trainable, list[tuple[Trainable, Trainable]], Trainable]:
-    """One round of Spry estimates: per-client grads on their units, averaged per unit.
+    """One round of Spry estimates: per-client grads on their units, averaged per unit with
+    the round's own per-unit mean (:mod:`spry_jax.core.aggregation`, every client weighted 1).
 
     Returns (round estimate, per client (mask, estimate), per-leaf client counts)."""
     assignment = units_lib.assign_units(jax.random.fold_in(key, 0), num_clients, units.num_units)
     masks = units_lib.unit_masks(units, assignment)
-    total = {k: jnp.zeros_like(v) for k, v in params.items()}
+    num = {k: jnp.zeros_like(v) for k, v in params.items()}
+    den = {k: jnp.zeros((), jnp.float32) for k in params}
     client_masks = []
     for c in range(num_clients):
         mask = {k: masks[k][c] for k in params}
         g = estimate(params, mask, jax.random.fold_in(key, c + 1))
-        total = {k: total[k] + g[k] for k in total}
+        n, d = aggregation.weighted_sums(g, mask, jnp.float32(1.0))
+        num = {k: num[k] + n[k] for k in num}
+        den = {k: den[k] + d[k] for k in den}
         client_masks.append((mask, g))
-    count = {k: jnp.sum(masks[k]) for k in params}
-    return {k: total[k] / jnp.maximum(count[k], 1.0) for k in total}, client_masks, count
+    return aggregation.finalize(num, den), client_masks, den
 
 
 def run(

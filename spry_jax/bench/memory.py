@@ -4,15 +4,15 @@ One client step is what :func:`spry_jax.core.client.make_client_update` runs for
 the method's gradient estimator and the client optimizer's update (optimizer state created
 fresh, as every round). It is lowered with ``jax.ShapeDtypeStruct`` arguments (no weights are
 ever materialised, so Llama2-7B and OPT-13B are measured from their configs alone), compiled,
-and read with ``compiled.memory_analysis()`` (DESIGN.md, "Measuring memory and speed
-honestly")::
+and read with ``compiled.memory_analysis()`` (arguments, temporaries and outputs
+less what the outputs alias)::
 
     peak = arguments + temp + outputs - aliased
 
-The CPU scheduler is XLA's memory-optimising one (this module sets
-``--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`` before importing jax when
-``XLA_FLAGS`` names no scheduler; the flags are printed and stored in every row) and compute
-is float32. Each row also carries a *floor*: frozen weights
+The CPU scheduler is XLA's memory-optimising one (the command line, :func:`main`, adds
+``--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`` when ``XLA_FLAGS`` names no
+scheduler; importing this module changes no flag; the flags are printed and stored in every
+row) and compute is float32. Each row also carries a *floor*: frozen weights
 + trainable weights + optimizer state + the batch + twice the largest single activation of one
 layer (primal and tangent of a forward-mode pass), the least any method could need.
 
@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import os
 
-_FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
-if "--xla_cpu_scheduler_type" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -48,7 +45,7 @@ import numpy as np  # noqa: E402
 from spry_jax import config as config_lib  # noqa: E402
 from spry_jax import memory as memory_lib  # noqa: E402
 from spry_jax import methods, models, tasks  # noqa: E402
-from spry_jax.bench import run_row  # noqa: E402
+from spry_jax.bench import MEMORY_SCHEDULER_FLAG, run_row, use_memory_scheduler  # noqa: E402
 from spry_jax.core import client as client_lib  # noqa: E402
 from spry_jax.models import peft as peft_lib  # noqa: E402
 from spry_jax.types import SplitModel  # noqa: E402
@@ -59,7 +56,7 @@ MiB = 2**20
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """The paper's training setting for a model (REFERENCE.md §3).
+    """The paper's training setting for a model (the paper's experimental setup, Panchal et al., NeurIPS 2024, arXiv 2405.15551).
 
     Attributes:
       task: "classification" or "qa" (SQuAD v2 for the OPT models).
@@ -88,7 +85,7 @@ PAPER_SETTINGS: dict[str, Setting] = {
     "tiny-bert": Setting(seq=16),
 }
 
-# Paper Table/Fig. memory (GB) where it gives both numbers (REFERENCE.md §4).
+# Paper Table/Fig. memory (GB) where it gives both numbers (the paper's abstract: Llama2-7B 33.9 -> 6.2 GB, OPT-13B 76.5 -> 10.8 GB).
 PAPER_GB = {
     "llama2-7b": {"fedavg": 33.9, "spry": 6.2},
     "opt-13b": {"fedavg": 76.5, "spry": 10.8},
@@ -366,7 +363,7 @@ def measure_rss(name: str, method: str, batch: int = 8, seq: int = 64) -> dict[s
         {"round": jnp.zeros((), jnp.int32), "guide": model.trainable},
     )
     compiled = jax.jit(step).lower(*args).compile()
-    m = compiled.memory_analysis()
+    sizes = memory_lib.peak_bytes(compiled)
     jax.block_until_ready(args)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
@@ -374,7 +371,7 @@ def measure_rss(name: str, method: str, batch: int = 8, seq: int = 64) -> dict[s
     out = compiled(*args)
     jax.block_until_ready(out)
     hwm = _status_kib("VmHWM")
-    estimate = m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    estimate = sizes["peak_bytes"] - sizes["argument_bytes"]  # temp + outputs - aliased
     return dict(
         model=name,
         method=method,
@@ -391,7 +388,10 @@ def validate(name: str, method_names: list[str], batch: int = 8, seq: int = 64) 
 
     ``MALLOC_MMAP_THRESHOLD_`` makes glibc map every large buffer fresh (and unmap it on
     free), so memory freed by the compiler is not silently reused by the step."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_cpu_scheduler_type" not in flags:
+        flags = f"{flags} {MEMORY_SCHEDULER_FLAG}".strip()
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", XLA_FLAGS=flags)
     rows = []
     for method in method_names:
         code = (
@@ -428,6 +428,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    xla_flags = use_memory_scheduler()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated model names")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods")
@@ -449,9 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     method_names = [m for m in args.methods.split(",") if m]
     for m in method_names:
         methods.get_method(m)
-    print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform}; XLA_FLAGS={os.environ['XLA_FLAGS']}"
-    )
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; XLA_FLAGS={xla_flags}")
     rows = []
     scopes = [x for x in args.scopes.split(",") if x]
     for name, scope, method in (

@@ -25,7 +25,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -36,18 +35,16 @@ import jax  # noqa: E402
 from spry_jax import train  # noqa: E402
 from spry_jax.bench import run_row  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES_PER_CLIENT = 40  # 80/20 split -> 32 train examples = 4 local steps of batch 8
 
 
 def smoke_config():
-    """``experiments/smoke.py``'s config (tiny random BERT on synthetic data)."""
-    spec = importlib.util.spec_from_file_location(
-        "smoke", os.path.join(ROOT, "experiments", "smoke.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    """``experiments/smoke.py``'s config (tiny random BERT on synthetic data); the
+    ``experiments`` package is imported from the repository root (the working directory of
+    ``python -m spry_jax.bench.throughput``)."""
+    from experiments import smoke
+
+    return smoke.get_config()
 
 
 def round_config(clients: int, backend: str, method: str = "spry", num_devices: int = 0):

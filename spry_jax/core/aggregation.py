@@ -1,4 +1,4 @@
-"""Per-unit aggregation of client updates (REFERENCE.md §2, "Server").
+"""Per-unit aggregation of client updates (Spry, Panchal et al., NeurIPS 2024, arXiv 2405.15551; the release's per-unit server aggregation, github.com/Astuary/Spry ``trainers/server_spry.py``).
 
 For every trainable leaf: the example-weighted mean of the updates over the clients whose mask
 covers it; zero where no client trained it. Written as sums so that partial sums from device

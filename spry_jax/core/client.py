@@ -37,7 +37,7 @@ def make_client_optimizer(
     weight_decay: float = 0.01,
     momentum: float = 0.0,
 ) -> optax.GradientTransformation:
-    """The client optimizer, created fresh every round (REFERENCE.md §2: AdamW 1e-4, wd 0.01).
+    """The client optimizer, created fresh every round (the Spry release: AdamW 1e-4, wd 0.01).
 
     Args:
       name: ``adamw`` (default), ``adam`` or ``sgd`` (``client.optimizer``).

@@ -18,7 +18,7 @@ as fedjax's jit backend -- the fair speed baseline) and ``debug`` (a Python loop
 
 Which optimizer steps when:
 
-* ``comm_mode='per_epoch'`` (the default; REFERENCE.md §2): per local step, each client's own
+* ``comm_mode='per_epoch'`` (the default; the release's per-epoch communication): per local step, each client's own
   ``client_optimizer`` (``client.optimizer``/``client.lr``, AdamW; state fresh every round) steps
   on that client's gradient estimate, its units only. Per round, ``server_optimizer``
   (``server.optimizer``, e.g. FedYogi) steps once on ``-delta``, the per-unit mean of the
@@ -36,7 +36,7 @@ Which optimizer steps when:
   round's net change ``delta = w_after_last_step - w_start`` also goes through
   ``server_optimizer`` like a per-epoch delta: two optimizers, one per step and one per round.
 
-Evaluation (``eval_batches``, REFERENCE.md §2): "generalized" is the global model the round
+Evaluation (``eval_batches``; the paper's generalized and personalized accuracy, Panchal et al., NeurIPS 2024, arXiv 2405.15551): "generalized" is the global model the round
 starts from (``state.params``, i.e. after ``state.round`` completed rounds, *before* this
 round's update) on the sampled clients' local test splits; "personalized" is each sampled
 client's model after its local training in this round, on its own test split. So the figures of
@@ -115,7 +115,7 @@ class RoundSpec:
       eval_fn: ``eval_fn(trainable, frozen, batch) -> {name: sum}`` (summed metrics, e.g.
         ``correct`` and ``count``); when the round gets ``eval_batches`` it reports the sums for
         the global model the round starts from, before its update (generalized), and for each
-        client's model after its local training (personalized), REFERENCE.md §2 "Evaluation".
+        client's model after its local training (personalized), as the paper reports them.
       per_iteration_round_optimizer: per-iteration only. False (the paper's plain form): the
         server's weights after the round's last step become the global model as they are and
         ``server_optimizer`` is not applied; True: the round's net change also goes through

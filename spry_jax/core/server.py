@@ -1,7 +1,7 @@
 """Server optimizers as optax transformations on the pseudo-gradient ``g = -delta``.
 
 ``delta`` is the aggregated client update (new - current). FedAvg is ``sgd(1)``: ``w + delta``.
-FedAdam/FedYogi default to the Flower 1.5 formulas used by the Spry release (REFERENCE.md §2):
+FedAdam/FedYogi default to the Flower 1.5 formulas used by the Spry release (github.com/Astuary/Spry, Flower 1.5 strategies):
 zero-initialised moments and *no* bias correction, written here for ``delta = -g``::
 
     m <- b1 m + (1 - b1) delta

@@ -1,4 +1,6 @@
-"""Units of trainable weights and their assignment to the clients of a round (REFERENCE.md §2).
+"""Units of trainable weights and their assignment to the clients of a round
+(Spry's weight splitting, Panchal et al., NeurIPS 2024, arXiv 2405.15551; the release's ``trainable_keys_mapping`` in
+``trainers/server_spry.py``).
 
 A *unit* is what one client slot is dealt. How the trainable tensors (``SplitModel.order``, model
 order) are grouped into units depends on the PEFT method, as in the PyTorch release:
@@ -142,7 +144,7 @@ def make_units(
 
 
 def slot_table(num_clients: int, num_units: int) -> np.ndarray:
-    """The static slot -> unit table, ``[M, G]`` of 0/1 (REFERENCE.md §2)."""
+    """The static slot -> unit table, ``[M, G]`` of 0/1 (the module docstring's two cases)."""
     if num_clients < 1:
         raise ValueError(f"clients_per_round must be >= 1, got {num_clients}")
     table = np.zeros((num_clients, num_units), np.float32)

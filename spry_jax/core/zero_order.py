@@ -1,5 +1,5 @@
 """Zero-order and finite-difference gradient estimators (the FedMeZO, Baffle+ and FwdLLM+
-baselines of REFERENCE.md §5), with the one estimator signature of
+baselines of the Spry paper, Panchal et al., NeurIPS 2024, arXiv 2405.15551), with the one estimator signature of
 :mod:`spry_jax.core.estimators`.
 
 All three use central differences along Gaussian directions ``z ~ N(0, I)`` drawn on the
@@ -137,7 +137,7 @@ def fwdllm(
     correlated with the guide, so the estimate is biased toward it (FwdLLM's intent); it is
     not an unbiased estimate of the smoothed gradient.
 
-    Release settings (REFERENCE.md §5) are the defaults: K = 20, h = 1e-2, and a pool ten times
+    The release's run settings are the defaults: K = 20, h = 1e-2, and a pool ten times
     K -- the release draws ``10 * v_num`` candidates and keeps the ``v_num`` most similar. Two
     departures from the release, both deliberate: it selects by signed cosine per tensor and
     reuses one direction for all K perturbations of a step (so its K are identical); here the

@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from spry_jax.models import heads, layers
+from spry_jax.models.order import ModelOrder
 
 Array = jax.Array
 
@@ -98,7 +99,6 @@ class OPTAttention(nnx.Module):
                 self.embed_dim, self.embed_dim, use_bias=bias, dtype=dtype, quant=quant, rngs=rngs
             )
 
-        # Definition order = model order (peft lists trainable leaves in it): q, k, v, out.
         self.q_proj = proj()
         self.k_proj = proj()
         self.v_proj = proj()
@@ -133,7 +133,6 @@ class OPTDecoderLayer(nnx.Module):
         self.do_layer_norm_before = bool(config.do_layer_norm_before)
         self.dropout = float(config.dropout)
         self.act = layers.activation(config.activation_function)
-        # Created in compute order (pre-LN), which peft uses as the model order.
         self.self_attn_layer_norm = layers.LayerNorm(d, eps=1e-5, dtype=dtype)
         self.self_attn = OPTAttention(config, dtype=dtype, quant=quant, rngs=rngs)
         self.final_layer_norm = layers.LayerNorm(d, eps=1e-5, dtype=dtype)
@@ -182,8 +181,6 @@ class OPTDecoder(nnx.Module):
         self.embed_positions = layers.Embedding(
             config.max_position_embeddings + self.POSITION_OFFSET, d, dtype=dtype, rngs=rngs
         )
-        # Submodules are created in compute order: peft orders trainable leaves by the layers'
-        # creation index.
         self.project_in = nnx.data(
             layers.Linear(proj_dim, d, use_bias=False, dtype=dtype, quant=quant, rngs=rngs)
             if proj_dim != d
@@ -537,6 +534,29 @@ class OPTForTask(DecoderForTask):
     # PEFT's defaults for OPT (TRANSFORMERS_MODELS_TO_IA3_*_MODULES_MAPPING["opt"]).
     IA3_TARGETS = (r"self_attn/q_proj$", r"self_attn/k_proj$", r"fc2$")
     IA3_FEEDFORWARD = (r"fc2$",)
+    # transformers' OPT registers k, v, q, out in OPTAttention, the attention before its
+    # LayerNorm in a layer, and the decoder's projections and final LayerNorm before the layers.
+    MODEL_ORDER = ModelOrder(
+        before=(
+            "model/decoder/embed_tokens",
+            "model/decoder/embed_positions",
+            "model/decoder/project_out",
+            "model/decoder/project_in",
+            "model/decoder/final_layer_norm",
+        ),
+        layers="model/decoder/layers/{}",
+        sublayers=(
+            "self_attn/k_proj",
+            "self_attn/v_proj",
+            "self_attn/q_proj",
+            "self_attn/out_proj",
+            "self_attn_layer_norm",
+            "fc1",
+            "fc2",
+            "final_layer_norm",
+        ),
+        after=("score", "qa_outputs", "lm_head"),
+    )
 
     @staticmethod
     def _output_dim(config) -> int:
@@ -556,3 +576,20 @@ class LlamaForTask(DecoderForTask):
     # PEFT's defaults for Llama (TRANSFORMERS_MODELS_TO_IA3_*_MODULES_MAPPING["llama"]).
     IA3_TARGETS = (r"self_attn/k_proj$", r"self_attn/v_proj$", r"mlp/down_proj$")
     IA3_FEEDFORWARD = (r"mlp/down_proj$",)
+    # transformers' LlamaDecoderLayer registers attention and MLP before its two norms.
+    MODEL_ORDER = ModelOrder(
+        before=("model/embed_tokens",),
+        layers="model/layers/{}",
+        sublayers=(
+            "self_attn/q_proj",
+            "self_attn/k_proj",
+            "self_attn/v_proj",
+            "self_attn/o_proj",
+            "mlp/gate_proj",
+            "mlp/up_proj",
+            "mlp/down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+        ),
+        after=("model/norm", "score", "qa_outputs", "lm_head"),
+    )

@@ -34,6 +34,7 @@ from spry_jax.models.layers import (
     make_attention_mask,
     maybe_remat,
 )
+from spry_jax.models.order import ModelOrder
 from spry_jax.models.registry import TASKS
 
 Array = jax.Array
@@ -186,6 +187,46 @@ class BertModel(EncoderBase):
     tokens) and its classification head (dense + tanh + out_proj, no pooler).
     """
 
+    _LAYER = (
+        "attention/self/query",
+        "attention/self/key",
+        "attention/self/value",
+        "attention/output/dense",
+        "attention/output/LayerNorm",
+        "intermediate/dense",
+        "output/dense",
+        "output/LayerNorm",
+    )
+    _HEADS = ("classifier", "classifier/dense", "classifier/out_proj", "qa_outputs")
+    BERT_ORDER = ModelOrder(
+        before=(
+            "embeddings/word_embeddings",
+            "embeddings/position_embeddings",
+            "embeddings/token_type_embeddings",
+            "embeddings/LayerNorm",
+        ),
+        layers="encoder/layer/{}",
+        sublayers=_LAYER,
+        after=("pooler/dense", *_HEADS),
+    )
+    # transformers' RobertaEmbeddings registers its position table last.
+    ROBERTA_ORDER = ModelOrder(
+        before=(
+            "embeddings/word_embeddings",
+            "embeddings/token_type_embeddings",
+            "embeddings/LayerNorm",
+            "embeddings/position_embeddings",
+        ),
+        layers="encoder/layer/{}",
+        sublayers=_LAYER,
+        after=_HEADS,
+    )
+
+    @property
+    def MODEL_ORDER(self) -> ModelOrder:  # noqa: N802 (the architecture contract's name)
+        """The declared model order (:mod:`spry_jax.models.order`): BERT's or RoBERTa's."""
+        return self.ROBERTA_ORDER if self.roberta else self.BERT_ORDER
+
     def __init__(
         self,
         config,
@@ -335,6 +376,25 @@ class DistilBertModel(EncoderBase):
     IA3_FEEDFORWARD = (r"(^|/)lin2$",)
     HF_PREFIXES = ("distilbert.",)
     HF_IGNORED_PREFIXES = ("vocab_transform.", "vocab_layer_norm.", "vocab_projector.")
+    MODEL_ORDER = ModelOrder(
+        before=(
+            "embeddings/word_embeddings",
+            "embeddings/position_embeddings",
+            "embeddings/LayerNorm",
+        ),
+        layers="transformer/layer/{}",
+        sublayers=(
+            "attention/q_lin",
+            "attention/k_lin",
+            "attention/v_lin",
+            "attention/out_lin",
+            "sa_layer_norm",
+            "ffn/lin1",
+            "ffn/lin2",
+            "output_layer_norm",
+        ),
+        after=("pre_classifier", "classifier", "qa_outputs"),
+    )
 
     def __init__(
         self,
@@ -462,6 +522,28 @@ class AlbertModel(EncoderBase):
 
     HF_PREFIXES = ("albert.",)
     IA3_FEEDFORWARD = (r"(^|/)ffn_output$",)
+    # transformers' AlbertLayer registers full_layer_layer_norm before its attention.
+    MODEL_ORDER = ModelOrder(
+        before=(
+            "embeddings/word_embeddings",
+            "embeddings/position_embeddings",
+            "embeddings/token_type_embeddings",
+            "embeddings/LayerNorm",
+            "encoder/embedding_hidden_mapping_in",
+        ),
+        layers="encoder/albert_layer_groups/{}/albert_layers/{}",
+        sublayers=(
+            "full_layer_layer_norm",
+            "attention/query",
+            "attention/key",
+            "attention/value",
+            "attention/dense",
+            "attention/LayerNorm",
+            "ffn",
+            "ffn_output",
+        ),
+        after=("pooler", "classifier", "qa_outputs"),
+    )
 
     def __init__(
         self,

@@ -13,10 +13,10 @@ Conventions (both the encoders and the decoders follow them):
 * Everything is jvp-safe: no custom kernels, only XLA ops. The one exception is
   :func:`quantized_matmul` (a ``custom_vjp``), used only while :func:`lazy_dequant` is set,
   which the backprop estimators do and forward-mode never does.
-* Every layer records a ``creation_index`` (a static attribute, kept through ``nnx.split`` /
-  ``merge``, which re-create modules with their attributes sorted alphabetically). Spry's units
-  are chunks of the trainable leaves in model order, and this index is how
-  :mod:`spry_jax.models.peft` recovers it: build layers in compute order.
+* Every layer class declares the order of its variables in ``VARIABLE_ORDER`` (torch's
+  ``weight`` before ``bias``, PEFT's adapters after the base weights). With each
+  architecture's ``MODEL_ORDER`` (:mod:`spry_jax.models.order`) this gives the model order
+  that Spry's units chunk; the order of creation or of attribute assignment plays no part.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import itertools
 import math
 from collections.abc import Callable
 
@@ -178,14 +177,6 @@ def _lora_branch(h: Array, a: Array, b: Array) -> Array:
     return (h @ a) @ b
 
 
-_creation_counter = itertools.count()
-
-
-def next_creation_index() -> int:
-    """A process-wide increasing index; layers store it to remember their definition order."""
-    return next(_creation_counter)
-
-
 class QuantizedWeight(nnx.Variable):
     """Frozen quantised storage (int8 / packed int4 values and their float32 scales)."""
 
@@ -251,6 +242,8 @@ class Linear(nnx.Module):
         FFN down-projection) once :meth:`add_ia3` ran.
     """
 
+    VARIABLE_ORDER = ("kernel", "kernel_scale", "bias", "lora_a", "lora_b", "ia3")
+
     def __init__(
         self,
         in_features: int,
@@ -264,7 +257,6 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs,
     ):
         quant_lib.check_quant(quant)
-        self.creation_index = next_creation_index()
         self.in_features = in_features
         self.out_features = out_features
         self.dtype = jnp.dtype(dtype)
@@ -398,9 +390,10 @@ class Linear(nnx.Module):
 class Embedding(nnx.Module):
     """A frozen lookup table ``[num_embeddings, features]``."""
 
+    VARIABLE_ORDER = ("embedding",)
+
     def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         init = jax.nn.initializers.normal(0.02)
-        self.creation_index = next_creation_index()
         self.num_embeddings = num_embeddings
         self.features = features
         self.embedding = nnx.Param(
@@ -418,10 +411,11 @@ class Embedding(nnx.Module):
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis, computed in float32 and returned in the input dtype."""
 
+    VARIABLE_ORDER = ("scale", "bias")
+
     def __init__(
         self, features: int, *, eps: float = 1e-12, use_bias: bool = True, dtype=jnp.float32
     ):
-        self.creation_index = next_creation_index()
         self.eps = float(eps)
         self.scale = nnx.Param(jnp.ones((features,), dtype))
         self.bias = nnx.Param(jnp.zeros((features,), dtype)) if use_bias else None
@@ -439,8 +433,9 @@ class LayerNorm(nnx.Module):
 class RMSNorm(nnx.Module):
     """Llama's RMSNorm: normalise in float32, cast back, then multiply by the weight."""
 
+    VARIABLE_ORDER = ("scale",)
+
     def __init__(self, features: int, *, eps: float = 1e-6, dtype=jnp.float32):
-        self.creation_index = next_creation_index()
         self.eps = float(eps)
         self.scale = nnx.Param(jnp.ones((features,), dtype))
 

@@ -15,10 +15,11 @@ target patterns select, and the trainable set is a *filter* over state paths:
 * ``head``: the task head only.
 
 The task head is trainable in every method. :func:`trainable_paths` lists the trainable leaves
-in MODEL order (definition order of the modules, which is their compute order: layer index
-numerically, attention before the MLP, query before value, LoRA A before B; the head last),
+in MODEL order, the order each architecture declares in ``MODEL_ORDER``
+(:mod:`spry_jax.models.order`: the order of the PyTorch release's ``named_parameters()``;
+layer index numerically, then the family's sub-layer table, LoRA A before B; the head last),
 not in the alphabetical order that ``nnx.split`` uses, because Spry's units are consecutive
-chunks of this order.
+chunks of this order (Panchal et al., NeurIPS 2024, arXiv 2405.15551: weight splitting).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import jax
 from flax import nnx
 
 from spry_jax.models.layers import IA3Param, Linear
+from spry_jax.models.order import ModelOrder, variable_rank
 from spry_jax.types import SplitModel
 
 METHODS = ("lora", "ia3", "bitfit", "head")
@@ -115,35 +117,35 @@ def iter_modules(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
     yield from walk(model, ())
 
 
-_VARIABLE_RANK = {
-    "kernel": 0,
-    "embedding": 0,
-    "scale": 1,
-    "kernel_scale": 1,
-    "bias": 2,
-    "lora_a": 3,
-    "lora_b": 4,
-    "ia3": 5,
-}
-
-
-def _module_key(pos: int, module: nnx.Module) -> tuple[int, int]:
-    # Layers carry their creation index (definition order survives nnx.merge, which sorts
-    # attributes alphabetically); containers without one keep their walk position.
-    idx = getattr(module, "creation_index", None)
-    return (0, idx) if isinstance(idx, int) else (1, pos)
+def model_order(model: nnx.Module) -> ModelOrder:
+    """The architecture's declared :class:`~spry_jax.models.order.ModelOrder`."""
+    order = getattr(model, "MODEL_ORDER", None)
+    if not isinstance(order, ModelOrder):
+        raise TypeError(
+            f"{type(model).__name__} declares no MODEL_ORDER; every architecture states the "
+            "order of its modules (spry_jax.models.order.ModelOrder), which Spry's units chunk."
+        )
+    return order
 
 
 def iter_variables(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable]]:
-    """``(path, variable)`` for every variable in model order: layers in the order they were
-    created (their compute order), and within a layer kernel, bias, LoRA A, LoRA B, IA3."""
+    """``(path, variable)`` for every variable in the architecture's declared model order
+    (``MODEL_ORDER``: layer index, then the family's sub-layer table; inside a module its
+    ``VARIABLE_ORDER``: kernel, bias, LoRA A, LoRA B, IA3)."""
+    order = model_order(model)
     items = []
-    for pos, (mpath, module) in enumerate(iter_modules(model)):
-        mkey = _module_key(pos, module)
-        for name, value in vars(module).items():
-            if not name.startswith("_") and isinstance(value, nnx.Variable):
-                path = f"{mpath}/{name}" if mpath else name
-                items.append(((mkey, _VARIABLE_RANK.get(name, 10), name), path, value))
+    for mpath, module in iter_modules(model):
+        names = [
+            n
+            for n, v in vars(module).items()
+            if not n.startswith("_") and isinstance(v, nnx.Variable)
+        ]
+        if not names:
+            continue
+        mkey = order.module_key(mpath)
+        for name in names:
+            path = f"{mpath}/{name}" if mpath else name
+            items.append(((mkey, variable_rank(module, name)), path, getattr(module, name)))
     items.sort(key=lambda item: item[0])
     for _, path, value in items:
         yield path, value
@@ -169,7 +171,8 @@ def apply_peft(
     Args:
       model: an architecture from :mod:`spry_jax.models.registry`.
       cfg: the PEFT configuration.
-      seed: seeds the LoRA A matrices (each module folds in its index).
+      seed: seeds the LoRA A matrices (each module folds in its index in the declared model
+        order, so the draw does not depend on attribute order either).
 
     Raises:
       ValueError: if the target patterns select no Linear, or the model is already adapted.
@@ -178,9 +181,11 @@ def apply_peft(
     if cfg.method not in ("lora", "ia3"):
         return model
     head = _head_prefixes(model)
+    order = model_order(model)
     linears = [
         (p, m) for p, m in iter_modules(model) if isinstance(m, Linear) and not _under(p, head)
     ]
+    linears.sort(key=lambda item: order.module_key(item[0]))
     if any(m.lora_a is not None or m.ia3 is not None for _, m in linears):
         raise ValueError("The model already has PEFT weights; apply_peft runs once per model.")
     cls = type(model)

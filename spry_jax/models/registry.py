@@ -29,6 +29,10 @@ The contract of an architecture class ``Cls(nnx.Module)`` (encoders and decoders
 * class attributes ``LORA_TARGETS`` (regexes searched in Linear module paths; the family's
   default LoRA targets), ``IA3_TARGETS`` and ``IA3_FEEDFORWARD`` (IA3 scales the output of
   ``IA3_TARGETS`` and the input of ``IA3_FEEDFORWARD``).
+* ``MODEL_ORDER``: a :class:`spry_jax.models.order.ModelOrder` placing every module that holds
+  weights (before the layers, the per-layer sub-layer table, after), in the order transformers'
+  PyTorch class lists them in ``named_parameters()``; Spry's units are chunks of this order
+  (``tests/models/test_order.py`` checks it against the PyTorch model with PEFT's adapters).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 XLA schedules from the outputs; unless the reported loss depends on the tangent pass, it may run
 the whole primal pass first and keep every activation (and dequantised kernel) alive for the
 tangent pass -- backprop-sized memory. This checks the client update a round actually runs.
-Run in a subprocess: the CPU scheduler flag (DESIGN.md) must be set before JAX starts.
+Run in a subprocess: the CPU scheduler flag must be set before JAX starts.
 """
 
 import json

@@ -1,12 +1,10 @@
 """Units (how trainable tensors are grouped per PEFT method) and their assignment to clients."""
 
-import importlib.util
-import os
-
 import jax
 import numpy as np
 import pytest
 
+from experiments import smoke
 from spry_jax import models, train
 from spry_jax.core import units as U
 
@@ -234,12 +232,6 @@ def test_lora_one_tensor_per_unit_keeps_the_head_whole():
 @pytest.mark.parametrize("method", ["ia3", "bitfit"])
 def test_build_experiment_deals_units_by_the_peft_method(method):
     """The method reaches make_units from a config (train.build_experiment)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.spec_from_file_location(
-        "smoke", os.path.join(root, "experiments/smoke.py")
-    )
-    smoke = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(smoke)
     cfg = smoke.get_config()
     cfg.round.backend = "vmap"
     cfg.peft.method = method

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +9,8 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+import experiments
+from spry_jax import resources
 from spry_jax.data import (
     DataError,
     load_dataset,
@@ -20,7 +21,7 @@ from spry_jax.data import (
 )
 from spry_jax.data.qa import exact_match, f1_score, normalize_answer
 
-SQUAD = Path(__file__).with_name("squad_tiny.json")
+SQUAD = Path(resources.path("squad_tiny.json"))
 
 
 @pytest.fixture(scope="module")
@@ -222,9 +223,4 @@ def test_paper_squad_setting_builds_500_clients_over_477_titles(
 
 
 def _load_experiment(name: str):
-    spec = importlib.util.spec_from_file_location(
-        name, Path(__file__).parents[2] / "experiments" / f"{name}.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return experiments.load(name)

@@ -320,10 +320,12 @@ def test_lora_b_zero_and_jvp_equals_grad(family, task, tmp_path):
         np.asarray(base(ids, mask)),
         atol=1e-6,
     )
-    # LoRA on q_proj/v_proj of every layer, A before B, q before v, the head last.
+    # LoRA on q_proj/v_proj of every layer, A before B, the head last; in the release's order
+    # (transformers' named_parameters()): OPT's attention lists k, v, q, Llama's q, k, v.
+    first, second = ("v_proj", "q_proj") if family == "opt" else ("q_proj", "v_proj")
     lora = [k for k in sm.order if k not in sm.head_keys]
-    assert len(lora) == 2 * 2 * 2 and all("q_proj" in k for k in lora[:2])
-    assert lora[2].endswith("v_proj/lora_a") and lora[3].endswith("v_proj/lora_b")
+    assert len(lora) == 2 * 2 * 2 and all(first in k for k in lora[:2])
+    assert lora[2].endswith(f"{second}/lora_a") and lora[3].endswith(f"{second}/lora_b")
     assert sm.order[len(lora) :] == sm.head_keys
 
     rng = np.random.default_rng(0)

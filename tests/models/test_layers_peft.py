@@ -103,7 +103,7 @@ for quant in ("int8", "int4"):
 
 
 def test_quantized_jvp_does_not_hold_all_float_weights():
-    """With XLA's memory-optimising CPU scheduler (DESIGN.md's measuring method), the temp
+    """With XLA's memory-optimising CPU scheduler (how the benchmarks measure memory), the temp
     memory of a jvp step with a quantised base stays near one layer's float kernel (1 MiB here),
     far below the float32 size of all kernels (18 MiB): each layer dequantises its own kernel."""
     env = dict(os.environ, XLA_FLAGS="--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")

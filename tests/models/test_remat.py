@@ -22,6 +22,7 @@ import transformers
 
 from spry_jax import methods, models
 from spry_jax.config import default_config
+from spry_jax.memory import peak_bytes
 from spry_jax.models import layers
 
 _FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
@@ -82,13 +83,9 @@ def _measure(family: str) -> dict:
     for name, ctx in (("plain", contextlib.nullcontext), ("remat", layers.layer_remat)):
         with ctx():
             compiled = jax.jit(jax.value_and_grad(f)).lower(params).compile()
-        m = compiled.memory_analysis()
         loss, grad = compiled(params)
         out[name] = {
-            "bytes": m.argument_size_in_bytes
-            + m.temp_size_in_bytes
-            + m.output_size_in_bytes
-            - m.alias_size_in_bytes,
+            "bytes": peak_bytes(compiled)["peak_bytes"],
             "loss": float(loss),
             "grad": {k: np.asarray(v).tolist() for k, v in grad.items()},
         }
