@@ -54,7 +54,7 @@ def get_config():
     c.split.classifier_share = True
     c.fwd.num_tangents = 4
     c.fwd.head = "exact"
-    c.client.lr = 2e-3
+    c.client.lr = 4e-3  # chosen on validation in experiments/studies/spry_learns.py (2e-3, 4e-3)
     c.client.batch_size = 4
     c.client.max_steps = 16
     c.server.optimizer = "fedavg"
