@@ -242,7 +242,16 @@ class Linear(nnx.Module):
         FFN down-projection) once :meth:`add_ia3` ran.
     """
 
-    VARIABLE_ORDER = ("kernel", "kernel_scale", "bias", "lora_a", "lora_b", "ia3")
+    VARIABLE_ORDER = (
+        "kernel",
+        "kernel_scale",
+        "kernel_zero",
+        "input_perm",
+        "bias",
+        "lora_a",
+        "lora_b",
+        "ia3",
+    )
 
     def __init__(
         self,
