@@ -24,15 +24,9 @@ per round, one learning rate per arm (the CPU study's choices) and seeds 1, 2, 3
 Not run yet: no GPU machine was lent to the sessions that wrote it (see the issue notes).
 """
 
+from experiments.studies.paper_cpu import HEAD_ONLY, SPRY_EXACT
 from spry_jax.study import Arm, Claim, Study
 
-SPRY_EXACT = {"method": "spry", "fwd.head": "exact", "fwd.num_tangents": 4}
-HEAD_ONLY = {
-    "method": "spry",
-    "peft.method": "head",
-    "split.classifier_share": False,
-    "fwd.head": "exact",
-}
 MODELS = {"distilbert": "distilbert-base", "roberta": "roberta-large"}
 
 

@@ -7,7 +7,6 @@ resumed writes the same results as one that ran straight through.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,16 +21,7 @@ TEST_KEY = "eval/all_clients_accuracy"
 
 
 def _read_metrics(path: str) -> list[dict[str, Any]]:
-    out = []
-    file = os.path.join(path, "metrics.jsonl")
-    if os.path.exists(file):
-        with open(file) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    return out
+    return metrics_lib.read_records(os.path.join(path, "metrics.jsonl"))
 
 
 def run_curves(records: Sequence[Mapping[str, Any]], flops: float | None) -> dict[str, Any]:
