@@ -138,6 +138,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.round = ml_collections.ConfigDict()
     c.round.backend = "shard_map"  # "shard_map" | "vmap" | "loop" | "debug"
     c.round.num_devices = 0  # devices on the 'clients' mesh axis; 0 = all
+    # clients vmapped at once per device (a scan over chunks: peak memory grows with it, not
+    # with clients_per_round); 0 = all of a device's clients at once. shard_map / vmap only.
+    c.round.client_chunk = 0
     c.eval_batch_size = 64  # evaluation batch size
     c.eval_all_clients = True  # after the last round: global model on every client's test split
     c.report = ml_collections.ConfigDict()

@@ -27,10 +27,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from spry_jax import checkpoint as ckpt_lib
+from spry_jax import comm, methods, models, multihost, reporting, tasks
 from spry_jax import config as config_lib
 from spry_jax import data as data_lib
 from spry_jax import memory as memory_lib
-from spry_jax import methods, models, multihost, reporting, tasks
 from spry_jax import metrics as metrics_lib
 from spry_jax.core import round as round_lib
 from spry_jax.core import units as units_lib
@@ -142,10 +142,13 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     )
     backend = config.round.backend
     mesh = None
+    chunk = config.round.client_chunk
     num_slots = config.clients_per_round
     if backend == "shard_map":
         mesh = round_lib.make_client_mesh(config.round.num_devices or None)
-        num_slots = round_lib.padded_slots(num_slots, mesh.shape[round_lib.CLIENT_AXIS])
+        num_slots = round_lib.padded_slots(num_slots, mesh.shape[round_lib.CLIENT_AXIS], chunk)
+    elif backend == "vmap":
+        num_slots = round_lib.padded_slots(num_slots, 1, chunk)
     spec = round_lib.RoundSpec(
         loss_fn=tasks.make_loss_fn(model),
         estimator=parts.estimator,
@@ -163,6 +166,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         client_var_threshold=parts.client_var_threshold,
         eval_fn=tasks.make_eval_fn(model) if fed.task == "classification" else None,
         per_iteration_round_optimizer=parts.per_iteration_round_optimizer,
+        client_chunk=chunk,
     )
     b = config.client.batch_size
     max_train = max(len(t["input_ids"]) for t in fed.train)
@@ -473,13 +477,19 @@ def client_step_memory(exp: Experiment) -> dict[str, int | float]:
 def clients_at_once(exp: Experiment) -> int:
     """How many client steps the round holds in one memory at a time: every slot under
     ``vmap``; under ``shard_map`` the slots of one device on an accelerator, all of them on the
-    CPU (whose devices share the host's memory); one for the ``loop``/``debug`` backends."""
-    backend = exp.spec.backend
-    if backend in ("loop", "debug"):
+    CPU (whose devices share the host's memory); one for the ``loop``/``debug`` backends. With
+    ``round.client_chunk = C`` a device holds C of its slots at a time (on the CPU: C per
+    device, times the devices)."""
+    spec = exp.spec
+    if spec.backend in ("loop", "debug"):
         return 1
-    if backend == "shard_map" and jax.devices()[0].platform != "cpu":
-        return max(1, exp.spec.num_slots // exp.spec.mesh.shape[round_lib.CLIENT_AXIS])
-    return exp.spec.num_slots
+    devices = spec.mesh.shape[round_lib.CLIENT_AXIS] if spec.backend == "shard_map" else 1
+    per_device = spec.num_slots // devices
+    if spec.client_chunk:
+        per_device = min(per_device, spec.client_chunk)
+    if spec.backend == "shard_map" and jax.devices()[0].platform != "cpu":
+        return max(1, per_device)
+    return per_device * devices
 
 
 def check_round_memory(
@@ -524,8 +534,9 @@ def check_round_memory(
     )
     knobs = (
         f"lower client.batch_size ({c.client.batch_size}), data.max_length "
-        f"({c.data.get('max_length')}) or clients_per_round ({c.clients_per_round}), or run "
-        "clients one at a time (round.backend=loop)"
+        f"({c.data.get('max_length')}) or clients_per_round ({c.clients_per_round}), map "
+        f"clients in chunks (round.client_chunk, now {c.round.client_chunk}), or run clients "
+        "one at a time (round.backend=loop)"
     )
     if est["round_bytes"] > available:
         raise ConfigError(
@@ -713,7 +724,9 @@ def _run_rounds(
             )
         state = new_state
         seconds = time.time() - t0
-        up, down = round_lib.comm_bytes(exp.spec, exp.model.trainable, m, config.fwd.num_tangents)
+        up, down = comm.round_bytes(
+            exp.spec.comm_mode, exp.model.trainable, m, config.fwd.num_tangents
+        )
         record = {
             "round": r,
             "train/loss": loss,

@@ -108,6 +108,17 @@ def test_an_oversized_run_is_refused_before_round_0_with_the_estimate(tmp_path):
     assert os.listdir(workdir) == []
 
 
+def test_client_chunks_lower_the_round_estimate_to_the_chunk():
+    """round.client_chunk = C: the round holds C client steps at a time, and says so."""
+    cfg = _smoke(**{"memory.budget_gib": 1e-4, "round.backend": "vmap", "round.client_chunk": 2})
+    exp = train.build_experiment(cfg)
+    assert exp.spec.client_chunk == 2 and exp.spec.num_slots == 4
+    assert train.clients_at_once(exp) == 2
+    with pytest.raises(ConfigError, match=r"2 client\(s\) at once") as e:
+        train.check_round_memory(exp, train.client_step_memory(exp))
+    assert "round.client_chunk, now 2" in str(e.value)
+
+
 def test_host_available_memory_is_memavailable_or_the_cgroup_room():
     available, source = memory_lib.host_available_bytes()
     with open("/proc/meminfo") as f:

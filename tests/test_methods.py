@@ -126,7 +126,7 @@ def test_lcsb_is_backprop_on_the_cyclic_block_and_zero_elsewhere(bert):
         sorted(E.lcsb_blocks(sorted(params), 2)[0]) == sorted(params)
     )
     est_fn = E.lcsb(1)
-    run = jax.jit(lambda p, s: est_fn(f, p, _ones(p), jax.random.PRNGKey(0), step=s))
+    run = jax.jit(lambda p, s: est_fn(f, p, _ones(p), jax.random.PRNGKey(0), E.EstimatorInputs(s)))
     for step in range(4):
         est = run(params, step)
         selected = set(blocks[step % 2])
@@ -137,12 +137,32 @@ def test_lcsb_is_backprop_on_the_cyclic_block_and_zero_elsewhere(bert):
             else:
                 assert np.all(np.asarray(est.grad[k]) == 0), k
 
-    # The cycle continues across rounds: global step = round * steps_per_round + step.
-    extra = C.estimator_kwargs(est_fn, {"round": jnp.int32(1), "guide": None}, 0, 3)
-    assert int(extra["step"]) == 3 and set(extra) == {"step"}
+    # The cycle continues across rounds: global step = round * steps_per_round + step (the
+    # round passes step = round * steps; estimate_step adds the local step).
+    seen = []
+
+    def spy(f, p, m, k, inputs):
+        seen.append(int(inputs.step))
+        return est_fn(f, p, m, k, inputs)
+
+    for local in range(2):
+        C.estimate_step(
+            spy,
+            lambda w, fr, b, key: f(w),
+            params,
+            None,
+            _ones(params),
+            None,
+            jax.random.PRNGKey(0),
+            local,
+            E.EstimatorInputs(step=1 * 3),
+        )
+    assert seen == [3, 4]
 
     # Backprop stops at the block's lowest layer: the top block's branch has fewer matmuls.
-    jaxpr = jax.make_jaxpr(lambda p: est_fn(f, p, _ones(p), jax.random.PRNGKey(0), step=0))(params)
+    jaxpr = jax.make_jaxpr(
+        lambda p: est_fn(f, p, _ones(p), jax.random.PRNGKey(0), E.EstimatorInputs(0))
+    )(params)
     cond = next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond")
     low, high = (_count(b.jaxpr) for b in cond.params["branches"])
     assert high < low, (low, high)

@@ -16,6 +16,7 @@ from spry_jax import config as config_lib
 from spry_jax import train
 from spry_jax.checkpoint import CheckpointMismatchError
 from spry_jax.core import client as C
+from spry_jax.core import estimators as E
 from spry_jax.core import round as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,7 +149,8 @@ def _client_models(exp, state, clients):
     masks, keys = R._masks_and_keys(spec, jax.random.fold_in(state.rng, state.round))
     batches = exp.round_batches(int(state.round), clients)
     update = jax.jit(C.make_client_update(spec.loss_fn, spec.estimator, spec.client_optimizer))
-    context = {"round": state.round, "guide": state.last_delta}
+    steps = batches["step_mask"].shape[1]
+    inputs = E.EstimatorInputs(step=state.round * steps, guide=state.last_delta)
     models = []
     for i in range(len(clients)):
         res = update(
@@ -158,7 +160,7 @@ def _client_models(exp, state, clients):
             {k: v[i] for k, v in batches.items() if k != "step_mask"},
             batches["step_mask"][i],
             keys[i],
-            context,
+            inputs,
         )
         models.append(
             {k: np.asarray(state.params[k]) + np.asarray(res.delta[k]) for k in res.delta}

@@ -47,6 +47,7 @@ from spry_jax import memory as memory_lib  # noqa: E402
 from spry_jax import methods, models, tasks  # noqa: E402
 from spry_jax.bench import MEMORY_SCHEDULER_FLAG, run_row, use_memory_scheduler  # noqa: E402
 from spry_jax.core import client as client_lib  # noqa: E402
+from spry_jax.core import estimators  # noqa: E402
 from spry_jax.models import peft as peft_lib  # noqa: E402
 from spry_jax.types import SplitModel  # noqa: E402
 
@@ -154,7 +155,7 @@ SCOPES = ("client_step", "estimator")
 def client_step_fn(
     model: SplitModel, method: str, num_tangents: int = 1, scope: str = "client_step"
 ):
-    """``step(params, frozen, mask, batches, step_mask, key, context)``.
+    """``step(params, frozen, mask, batches, step_mask, key, inputs)``.
 
     ``scope="client_step"``: the method's client update (:func:`make_client_update`, the
     program a round runs) on one local step -- estimator and client optimizer, -> ClientResult.
@@ -168,13 +169,11 @@ def client_step_fn(
     if scope == "client_step":
         return client_lib.make_client_update(loss_fn, parts.estimator, parts.client_optimizer)
 
-    def estimate(params, frozen, mask, batches, step_mask, key, context):
+    def estimate(params, frozen, mask, batches, step_mask, key, inputs):
         del step_mask
         batch = jax.tree.map(lambda x: x[0], batches)
-        drop_key, est_key = client_lib.step_keys(key, 0)
-        extra = client_lib.estimator_kwargs(parts.estimator, context, jnp.int32(0), 1)
-        return parts.estimator(
-            lambda w: loss_fn(w, frozen, batch, drop_key), params, mask, est_key, **extra
+        return client_lib.estimate_step(
+            parts.estimator, loss_fn, params, frozen, mask, batch, key, 0, inputs
         )
 
     return estimate
@@ -207,7 +206,7 @@ def step_arguments(model: SplitModel, setting: Setting) -> tuple:
     The masks are runtime values, so Spry's program (any client's slice) and FedFGD's are the
     same program; the memory of a step does not depend on which units a client holds."""
     mask = {k: _sds((), jnp.float32) for k in model.trainable}
-    context = {"round": _sds((), jnp.int32), "guide": dict(model.trainable)}
+    inputs = estimators.EstimatorInputs(step=_sds((), jnp.int32), guide=dict(model.trainable))
     return (
         model.trainable,
         model.frozen,
@@ -215,7 +214,7 @@ def step_arguments(model: SplitModel, setting: Setting) -> tuple:
         batch_shapes(model.task, setting.batch, setting.seq),
         _sds((1,), jnp.float32),
         _sds((2,), jnp.uint32),
-        context,
+        inputs,
     )
 
 
@@ -360,7 +359,7 @@ def measure_rss(name: str, method: str, batch: int = 8, seq: int = 64) -> dict[s
         batches,
         jnp.ones((1,), jnp.float32),
         jax.random.PRNGKey(0),
-        {"round": jnp.zeros((), jnp.int32), "guide": model.trainable},
+        estimators.EstimatorInputs(step=jnp.zeros((), jnp.int32), guide=model.trainable),
     )
     compiled = jax.jit(step).lower(*args).compile()
     sizes = memory_lib.peak_bytes(compiled)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spry_jax.core.estimators import Estimate, Estimator
+from spry_jax.core.estimators import NO_INPUTS, Estimate, Estimator, EstimatorInputs
 from spry_jax.types import Array, Batch, PyTree, Trainable
 
 # loss_fn(trainable, frozen, batch, dropout_rng) -> scalar mean loss over the batch's real examples.
@@ -100,24 +100,32 @@ def step_keys(client_key: Array, step: Array) -> tuple[Array, Array]:
     return jax.random.fold_in(k, 0), jax.random.fold_in(k, 1)
 
 
-def estimator_kwargs(
-    estimator: Estimator, context: dict[str, PyTree] | None, step: Array, num_steps: int
-) -> dict[str, PyTree]:
-    """The extra inputs an estimator declares in its ``extra_inputs`` attribute.
+def estimate_step(
+    estimator: Estimator,
+    loss_fn: LossFn,
+    params: Trainable,
+    frozen: PyTree,
+    mask: Trainable,
+    batch: Batch,
+    key: Array,
+    step: Array | int,
+    inputs: EstimatorInputs = NO_INPUTS,
+) -> Estimate:
+    """One local step's gradient estimate: the one place an estimator is called.
 
-    ``step`` is the client's global local-step count ``round * num_steps + step`` (so cyclic
-    schedules continue across rounds); ``guide`` is the previous round's aggregated update
-    (``ServerState.last_delta``, None if unknown). The context is the round's
-    ``{"round": ..., "guide": ...}``; estimators without ``extra_inputs`` get nothing.
+    The step's dropout and estimator keys come from :func:`step_keys` (the derivation the
+    server replays in per-iteration mode); ``inputs`` holds the round's :class:`EstimatorInputs`
+    with ``step`` the global count of the round's first local step (``round * steps``), to
+    which the local step index is added here.
     """
-    wanted = getattr(estimator, "extra_inputs", ())
-    context = context or {}
-    out = {}
-    if "step" in wanted:
-        out["step"] = context.get("round", 0) * num_steps + step
-    if "guide" in wanted:
-        out["guide"] = context.get("guide")
-    return out
+    drop_key, est_key = step_keys(key, step)
+    return estimator(
+        lambda w: loss_fn(w, frozen, batch, drop_key),
+        params,
+        mask,
+        est_key,
+        inputs._replace(step=inputs.step + step),
+    )
 
 
 def _select(pred: Array, new: PyTree, old: PyTree) -> PyTree:
@@ -210,14 +218,14 @@ def make_local_train(
     optimizer: optax.GradientTransformation,
     report_variance: bool = False,
 ) -> Callable[..., LocalTrainResult]:
-    """Builds ``local_train(params, frozen, mask, batches, step_mask, key, context=None)``.
+    """Builds ``local_train(params, frozen, mask, batches, step_mask, key, inputs=NO_INPUTS)``.
 
     ``batches`` leaves are ``[steps, batch, ...]``; ``step_mask`` ``[steps]`` marks real steps.
     A fresh per-leaf optimizer state is created per call (per round). Each real step estimates
     the gradient and applies :func:`leafwise_step` to the leaves the estimate covers
     (:func:`estimated_leaves`); padding steps and uncovered leaves change nothing, weights and
-    optimizer state alike. ``context`` (the round's ``{"round", "guide"}``) feeds estimators that
-    declare ``extra_inputs`` (:func:`estimator_kwargs`); others never see it.
+    optimizer state alike. ``inputs`` (the round's :class:`EstimatorInputs`: the global count of
+    its first local step and the guide) reaches every step's estimate (:func:`estimate_step`).
 
     Args:
       report_variance: also accumulate the half sums of the step estimates (two float32 copies
@@ -231,7 +239,7 @@ def make_local_train(
         batches: Batch,
         step_mask: Array,
         key: Array,
-        context: dict[str, PyTree] | None = None,
+        inputs: EstimatorInputs = NO_INPUTS,
     ) -> LocalTrainResult:
         num_steps = step_mask.shape[0]
         # Rank of each real step among the real ones; the first floor(n/2) form half A.
@@ -240,11 +248,7 @@ def make_local_train(
         def step(carry, xs):
             p, s, loss_sum, acc = carry
             batch, valid, idx, first = xs
-            drop_key, est_key = step_keys(key, idx)
-            extra = estimator_kwargs(estimator, context, idx, num_steps)
-            est = estimator(
-                lambda w: loss_fn(w, frozen, batch, drop_key), p, mask, est_key, **extra
-            )
+            est = estimate_step(estimator, loss_fn, p, frozen, mask, batch, key, idx, inputs)
             real = valid > 0
             active = {k: real & on for k, on in estimated_leaves(est, mask).items()}
             p, s = leafwise_step(optimizer, est.grad, s, p, active)
@@ -287,7 +291,7 @@ def make_client_update(
 ) -> Callable[..., ClientResult]:
     """Builds ``client_update(params, frozen, mask, batches, step_mask, key) -> ClientResult``.
 
-    Local training as :func:`make_local_train` (same arguments, plus ``context``), reduced to
+    Local training as :func:`make_local_train` (same arguments), reduced to
     what the client sends: the masked delta, its example count, mean loss, step count and, with
     ``report_variance``, its :func:`split_half_variance` (FwdLLM+'s server-side client filter).
     """
@@ -300,9 +304,9 @@ def make_client_update(
         batches: Batch,
         step_mask: Array,
         key: Array,
-        context: dict[str, PyTree] | None = None,
+        inputs: EstimatorInputs = NO_INPUTS,
     ) -> ClientResult:
-        out = local_train(params, frozen, mask, batches, step_mask, key, context)
+        out = local_train(params, frozen, mask, batches, step_mask, key, inputs)
         real_steps = jnp.sum(step_mask)
         delta = {k: (out.params[k] - params[k]) * mask[k].astype(params[k].dtype) for k in params}
         return ClientResult(

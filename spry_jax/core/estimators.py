@@ -1,9 +1,13 @@
 """Gradient estimators, all with one signature.
 
-An estimator is ``estimate(f, params, mask, key) -> Estimate`` where ``f(params) -> scalar`` is
-the client's loss on one batch (frozen weights, batch and dropout key closed over), ``mask`` holds
-one 0/1 scalar per trainable leaf (the client's units), and ``key`` draws any randomness the
-estimator needs. The returned gradient is zero outside the mask.
+An estimator is ``estimate(f, params, mask, key, inputs) -> Estimate`` where
+``f(params) -> scalar`` is the client's loss on one batch (frozen weights, batch and dropout key
+closed over), ``mask`` holds one 0/1 scalar per trainable leaf (the client's units), ``key``
+draws any randomness the estimator needs and ``inputs`` (:class:`EstimatorInputs`) carries what
+some estimators read besides: the global local-step count (LCSB's cycle) and the previous
+round's aggregated update (FwdLLM+'s guide). Every estimator receives ``inputs`` and ``del``s
+what it does not use; the one call site is :func:`spry_jax.core.client.estimate_step`. The
+returned gradient is zero outside the mask.
 
 * :func:`backprop` -- ``jax.value_and_grad``, optionally rematerialised as a whole.
 * :func:`backprop_layer_remat` -- MeBP: backprop with a checkpoint per transformer layer.
@@ -15,9 +19,7 @@ estimator needs. The returned gradient is zero outside the mask.
 * :func:`backprop_mesp` -- MeSP: backprop recomputing the LoRA intermediate ``xA``.
 * :func:`lcsb` -- layer-cyclic selective backprop (exact gradient on one block of layers).
 
-Zero-order estimators live in :mod:`spry_jax.core.zero_order`. An estimator may declare
-``extra_inputs`` (a tuple attribute with ``"step"`` and/or ``"guide"``); the client update then
-passes them as keyword arguments (:func:`spry_jax.core.client.estimator_kwargs`).
+Zero-order estimators live in :mod:`spry_jax.core.zero_order`.
 """
 
 from __future__ import annotations
@@ -55,7 +57,23 @@ class Estimate(NamedTuple):
     estimated: Trainable | None = None
 
 
-Estimator = Callable[[LossClosure, Trainable, Trainable, Array], Estimate]
+class EstimatorInputs(NamedTuple):
+    """What an estimator may read besides ``(f, params, mask, key)`` (a pytree).
+
+    Attributes:
+      step: the client's global local-step count, ``round * steps_per_round + step``, so a
+        cyclic schedule (LCSB's blocks) continues across rounds.
+      guide: the previous round's aggregated client update (``ServerState.last_delta``; None =
+        no previous update), the direction FwdLLM+ selects its perturbations by.
+    """
+
+    step: Array | int = 0
+    guide: Trainable | None = None
+
+
+NO_INPUTS = EstimatorInputs()
+
+Estimator = Callable[[LossClosure, Trainable, Trainable, Array, EstimatorInputs], Estimate]
 
 
 def _mask_tree(tree: Trainable, mask: Trainable) -> Trainable:
@@ -133,8 +151,14 @@ def backprop(
         backward pass rather than kept in float).
     """
 
-    def estimate(f: LossClosure, params: Trainable, mask: Trainable, key: Array) -> Estimate:
-        del key
+    def estimate(
+        f: LossClosure,
+        params: Trainable,
+        mask: Trainable,
+        key: Array,
+        inputs: EstimatorInputs = NO_INPUTS,
+    ) -> Estimate:
+        del key, inputs
         fn = jax.checkpoint(f) if remat else f
         with trace_context():
             loss, grad = jax.value_and_grad(fn)(params)
@@ -213,7 +237,14 @@ def forward(
             return jax.vmap(one)(tangents)
         return jax.lax.map(one, tangents)
 
-    def estimate(f: LossClosure, params: Trainable, mask: Trainable, key: Array) -> Estimate:
+    def estimate(
+        f: LossClosure,
+        params: Trainable,
+        mask: Trainable,
+        key: Array,
+        inputs: EstimatorInputs = NO_INPUTS,
+    ) -> Estimate:
+        del inputs
         # Tangents are drawn for every leaf (leaf index in sorted key order, as the server
         # regenerates them); the head's are dropped when it is estimated on its own, and frozen
         # leaves get none (their mask is zeroed here, so they are also not estimated).
@@ -279,8 +310,14 @@ def backprop_layer_remat(trace_context: Callable[[], Any]) -> Estimator:
 
 
 def _backprop_traced_in(trace_context: Callable[[], Any]) -> Estimator:
-    def estimate(f: LossClosure, params: Trainable, mask: Trainable, key: Array) -> Estimate:
-        del key
+    def estimate(
+        f: LossClosure,
+        params: Trainable,
+        mask: Trainable,
+        key: Array,
+        inputs: EstimatorInputs = NO_INPUTS,
+    ) -> Estimate:
+        del key, inputs
         with trace_context():
             loss, grad = jax.value_and_grad(f)(params)
         return Estimate(loss, _mask_tree(grad, mask), jnp.zeros((0,), jnp.float32))
@@ -343,7 +380,11 @@ def lcsb(
         raise ValueError(f"lcsb.layers_per_step must be >= 1, got {layers_per_step}")
 
     def estimate(
-        f: LossClosure, params: Trainable, mask: Trainable, key: Array, step: Array = 0
+        f: LossClosure,
+        params: Trainable,
+        mask: Trainable,
+        key: Array,
+        inputs: EstimatorInputs = NO_INPUTS,
     ) -> Estimate:
         del key
         keys = sorted(params)
@@ -359,7 +400,7 @@ def lcsb(
 
             return run
 
-        index = jnp.asarray(step, jnp.int32) % len(blocks)
+        index = jnp.asarray(inputs.step, jnp.int32) % len(blocks)
         with trace_context():
             loss, grad = jax.lax.switch(index, [branch(b) for b in blocks], params)
         # Row b: which leaves block b covers (the head is in every block).
@@ -367,5 +408,4 @@ def lcsb(
         estimated = {k: table[index, i] for i, k in enumerate(keys)}
         return Estimate(loss, _mask_tree(grad, mask), jnp.zeros((0,), jnp.float32), estimated)
 
-    estimate.extra_inputs = ("step",)
     return estimate

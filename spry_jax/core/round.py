@@ -16,6 +16,23 @@ Backends (``round.backend``): ``shard_map`` (one program over all devices; the d
 as fedjax's jit backend -- the fair speed baseline) and ``debug`` (a Python loop with
 ``jax.disable_jit()``, for pdb and prints). All give the same numbers.
 
+How it is written: each comm mode's body exists once, over two abstractions the backend picks
+(:func:`_backend_tools`, in the spirit of fedjax's ``for_each_client``):
+
+* a **client map** ``map_clients(fn, shared, clients) -> (sums, per_client)`` over the
+  per-client inputs (:class:`ClientInputs`, one pytree, so its ``shard_map`` spec is the one
+  prefix ``P('clients')``): ``vmap`` (optionally in chunks of ``round.client_chunk`` clients,
+  a ``lax.scan`` over chunks), then under ``shard_map`` a fixed-order sum over devices; or a
+  Python loop over the slots calling ``fn`` jitted (``loop``) or traced op by op (``debug``);
+* a **step scan**: ``lax.scan`` for the program backends, a Python loop for the loop backends.
+
+Per-epoch is ``map_clients(local epoch)`` (:func:`_per_epoch_body`); per-iteration is
+``scan(map_clients(client jvps + server regeneration) -> server step)`` followed by one
+``map_clients`` for the round's evaluation and trainer counts (:func:`_per_iteration_body`).
+Estimators receive their extra inputs as one :class:`~spry_jax.core.estimators.EstimatorInputs`
+(the global step count and the previous round's aggregate). Bytes sent are counted outside the
+core, in :mod:`spry_jax.comm`.
+
 Which optimizer steps when:
 
 * ``comm_mode='per_epoch'`` (the default; the release's per-epoch communication): per local step, each client's own
@@ -61,12 +78,13 @@ from spry_jax.core import aggregation
 from spry_jax.core import units as units_lib
 from spry_jax.core.client import (
     LossFn,
+    estimate_step,
     init_leaf_states,
     leafwise_step,
     make_client_update,
     step_keys,
 )
-from spry_jax.core.estimators import Estimator, reconstruct_gradient
+from spry_jax.core.estimators import Estimator, EstimatorInputs, reconstruct_gradient
 from spry_jax.types import Array, Batch, PyTree, Trainable
 
 CLIENT_AXIS = "clients"
@@ -116,6 +134,10 @@ class RoundSpec:
         ``correct`` and ``count``); when the round gets ``eval_batches`` it reports the sums for
         the global model the round starts from, before its update (generalized), and for each
         client's model after its local training (personalized), as the paper reports them.
+      client_chunk: C > 0 maps the program backends' client slots in chunks of C vmapped
+        clients (a ``lax.scan`` over chunks; ``round.client_chunk``), so the round's peak memory
+        grows with C instead of with the slots; 0 = all slots at once. C must divide the slots
+        of a device (:func:`padded_slots` pads M for it). Same numbers up to summation order.
       per_iteration_round_optimizer: per-iteration only. False (the paper's plain form): the
         server's weights after the round's last step become the global model as they are and
         ``server_optimizer`` is not applied; True: the round's net change also goes through
@@ -142,6 +164,7 @@ class RoundSpec:
     eval_fn: Callable[..., dict[str, Array]] | None = None
     client_var_threshold: float = 0.0
     per_iteration_round_optimizer: bool = False
+    client_chunk: int = 0
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -161,6 +184,25 @@ class RoundSpec:
                 "comm_mode='per_iteration' needs a forward-gradient method (the clients send jvp "
                 "scalars); use comm_mode='per_epoch' for this method."
             )
+        if self.client_chunk < 0:
+            raise ValueError(
+                f"round.client_chunk must be >= 0 (0 = all slots at once), got {self.client_chunk}"
+            )
+        if self.client_chunk and self.backend not in ("shard_map", "vmap"):
+            raise ValueError(
+                f"round.client_chunk={self.client_chunk} chunks the one-program backends; "
+                f"round.backend={self.backend!r} already runs one client at a time: set "
+                "round.client_chunk=0 or round.backend to shard_map or vmap."
+            )
+        if self.client_chunk:
+            sharded = self.backend == "shard_map" and self.mesh is not None
+            devices = self.mesh.shape[CLIENT_AXIS] if sharded else 1
+            if self.num_slots % (devices * self.client_chunk):
+                raise ValueError(
+                    f"round.client_chunk={self.client_chunk} must divide each device's client "
+                    f"slots (num_slots={self.num_slots} over {devices} device(s)); pad M with "
+                    f"padded_slots(M, {devices}, {self.client_chunk})."
+                )
         if self.backend == "shard_map":
             if self.mesh is None:
                 raise ValueError("backend 'shard_map' needs a mesh (see make_client_mesh).")
@@ -180,9 +222,10 @@ def make_client_mesh(num_devices: int | None = None) -> Mesh:
     return Mesh(np.array(devices[:n]), (CLIENT_AXIS,))
 
 
-def padded_slots(clients_per_round: int, num_devices: int) -> int:
-    """M rounded up to a multiple of the device count."""
-    return -(-clients_per_round // num_devices) * num_devices
+def padded_slots(clients_per_round: int, num_devices: int, chunk: int = 0) -> int:
+    """M rounded up to a multiple of the device count (times the client chunk, when set)."""
+    unit = num_devices * max(chunk, 1)
+    return -(-clients_per_round // unit) * unit
 
 
 def init_server_state(
@@ -242,20 +285,133 @@ def _psum(tree: PyTree, axis: str | None) -> PyTree:
     return jax.tree.map(lambda x: jnp.sum(jax.lax.all_gather(x, axis), axis=0), tree)
 
 
+def _stack(trees: list[PyTree]) -> PyTree:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _take(tree: PyTree, i: int) -> PyTree:
+    return jax.tree.map(lambda x: x[i], tree)
+
+
 # --------------------------------------------------------------------------------------------
-# per-epoch
+# The two abstractions every round body is written with
 # --------------------------------------------------------------------------------------------
 
 
-def _per_epoch_contrib(spec: RoundSpec) -> Callable[..., tuple]:
+class ClientInputs(NamedTuple):
+    """One round's per-client inputs; every leaf has a leading client-slot axis.
+
+    One pytree, so the ``shard_map`` spec of all of it is the single prefix ``P('clients')``.
+
+    Attributes:
+      mask: per trainable leaf, ``[slots]`` 0/1 (the client's units).
+      batches: per-example leaves ``[slots, steps, batch, ...]`` (per-iteration steps see one
+        step's ``[slots, batch, ...]``).
+      step_mask: ``[slots, steps]``, 1 on real local steps (``[slots]`` for one step).
+      key: ``[slots, 2]``, each slot's PRNG key for the round.
+      eval_batches: the sampled clients' local test splits ``[slots, steps, batch, ...]``, or
+        None (no evaluation this round).
+    """
+
+    mask: Trainable
+    batches: Batch
+    step_mask: Array
+    key: Array
+    eval_batches: Batch | None = None
+
+
+# fn(shared, client) -> (summed, per_client): ``summed`` is added up over the clients (and the
+# devices); ``per_client`` is kept per slot (``{}`` when not wanted).
+ClientFn = Callable[[Any, ClientInputs], tuple[PyTree, PyTree]]
+# map_clients(fn, shared, clients) -> (sum over clients of summed, per_client stacked by slot)
+ClientMap = Callable[[ClientFn, Any, ClientInputs], tuple[PyTree, PyTree]]
+# scan(f, init, xs) -> (carry, ys), as ``jax.lax.scan``.
+StepScan = Callable[..., tuple[Any, Any]]
+
+
+def _vmap_clients(axis: str | None, chunk: int = 0) -> ClientMap:
+    """The program backends: ``vmap`` over the client slots, summed; under ``shard_map`` the
+    per-device partial sums are then added over the ``'clients'`` axis (:func:`_psum`).
+
+    ``chunk = C > 0`` (``round.client_chunk``): a ``lax.scan`` over chunks of C slots, each
+    chunk ``vmap``-ed, its sums added to a running total -- one chunk's activations are alive
+    at a time, so the round's peak memory grows with C, not with the number of slots.
+    """
+
+    def map_clients(fn: ClientFn, shared: Any, clients: ClientInputs):
+        mapped = jax.vmap(fn, in_axes=(None, 0))
+        slots = clients.step_mask.shape[0]  # this device's slots under shard_map
+        if not chunk or chunk >= slots:
+            summed, per_client = mapped(shared, clients)
+            return _psum(_tree_sum0(summed), axis), per_client
+        chunks = jax.tree.map(lambda x: x.reshape((slots // chunk, chunk, *x.shape[1:])), clients)
+
+        def one_chunk(total, chunk_clients):
+            summed, per_client = mapped(shared, chunk_clients)
+            return jax.tree.map(jnp.add, total, _tree_sum0(summed)), per_client
+
+        shapes = jax.eval_shape(lambda c: _tree_sum0(mapped(shared, c)[0]), _take(chunks, 0))
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+        total, per_client = jax.lax.scan(one_chunk, zeros, chunks)
+        per_client = jax.tree.map(lambda x: x.reshape((slots, *x.shape[2:])), per_client)
+        return _psum(total, axis), per_client
+
+    return map_clients
+
+
+def _loop_clients(jit: bool) -> ClientMap:
+    """The loop backends: one client after another (``jit``: each a call of the jitted client
+    function, fedjax's jit backend -- the fair speed baseline; else traced op by op under
+    ``jax.disable_jit``), summed in slot order."""
+    jitted: dict[Any, Callable] = {}
+
+    def map_clients(fn: ClientFn, shared: Any, clients: ClientInputs):
+        if jit and fn not in jitted:
+            jitted[fn] = jax.jit(fn)
+        run = jitted[fn] if jit else fn
+        total, per_client = None, []
+        for c in range(clients.step_mask.shape[0]):
+            summed, mine = run(shared, _take(clients, c))
+            total = summed if total is None else jax.tree.map(jnp.add, total, summed)
+            per_client.append(mine)
+        return total, _stack(per_client)
+
+    return map_clients
+
+
+def _loop_scan(f: Callable, init: Any, xs: Any):
+    """``lax.scan``'s contract as a Python loop (per-iteration steps of the loop backends)."""
+    carry, ys = init, []
+    for i in range(jax.tree.leaves(xs)[0].shape[0]):
+        carry, y = f(carry, _take(xs, i))
+        ys.append(y)
+    return carry, (None if all(y is None for y in ys) else _stack(ys))
+
+
+def _backend_tools(spec: RoundSpec) -> tuple[ClientMap, StepScan]:
+    """The client map and the step scan of ``spec.backend``."""
+    if spec.backend in ("shard_map", "vmap"):
+        axis = CLIENT_AXIS if spec.backend == "shard_map" else None
+        return _vmap_clients(axis, spec.client_chunk), jax.lax.scan
+    return _loop_clients(jit=spec.backend == "loop"), _loop_scan
+
+
+# --------------------------------------------------------------------------------------------
+# per-epoch: reduce(map(client))
+# --------------------------------------------------------------------------------------------
+
+
+def _per_epoch_client(spec: RoundSpec, client_deltas: bool) -> ClientFn:
+    """One client's local epoch and what it adds to the round's sums."""
     filtered = spec.client_var_threshold > 0
     client_update = make_client_update(
         spec.loss_fn, spec.estimator, spec.client_optimizer, report_variance=filtered
     )
 
-    def contrib(params, frozen, mask, batches, step_mask, key, eval_batches=None, context=None):
-        res = client_update(params, frozen, mask, batches, step_mask, key, context)
-        real = (jnp.sum(step_mask) > 0).astype(jnp.float32)
+    def client(shared, c: ClientInputs):
+        params, frozen, inputs = shared
+        res = client_update(params, frozen, c.mask, c.batches, c.step_mask, c.key, inputs)
+        real = (jnp.sum(c.step_mask) > 0).astype(jnp.float32)
         weight, delta, dropped = res.num_examples, res.delta, jnp.zeros((), jnp.float32)
         if filtered:
             # The filter is a per-client scalar on the aggregation weight, so every backend
@@ -265,7 +421,7 @@ def _per_epoch_contrib(spec: RoundSpec) -> Callable[..., tuple]:
             weight = jnp.where(keep, weight, 0.0)
             delta = {k: jnp.where(keep, d, jnp.zeros_like(d)) for k, d in delta.items()}
             dropped = real * (1.0 - keep.astype(jnp.float32))
-        num, den = aggregation.weighted_sums(delta, mask, weight)
+        num, den = aggregation.weighted_sums(delta, c.mask, weight)
         # train/loss stays over every real client: a dropped client still trained on its data.
         stats = {
             "loss_num": res.num_examples * res.loss,
@@ -275,90 +431,56 @@ def _per_epoch_contrib(spec: RoundSpec) -> Callable[..., tuple]:
             "dropped": dropped,
             "variance_sum": real * res.variance,
         }
-        trainers = {k: real * m for k, m in mask.items()}
-        if eval_batches is not None:
+        trainers = {k: real * m for k, m in c.mask.items()}
+        if c.eval_batches is not None:
             local = {k: params[k] + res.delta[k] for k in params}
             stats["eval"] = {
-                "generalized": _eval_sums(spec.eval_fn, params, frozen, eval_batches),
-                "personalized": _eval_sums(spec.eval_fn, local, frozen, eval_batches),
+                "generalized": _eval_sums(spec.eval_fn, params, frozen, c.eval_batches),
+                "personalized": _eval_sums(spec.eval_fn, local, frozen, c.eval_batches),
             }
-        return (num, den, stats, trainers), res.delta
-
-    return contrib
-
-
-def _stack(trees: list[PyTree]) -> PyTree:
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def _per_epoch_program(
-    spec: RoundSpec, axis: str | None, client_deltas: bool
-) -> Callable[..., tuple]:
-    contrib = jax.vmap(_per_epoch_contrib(spec), in_axes=(None, None, 0, 0, 0, 0, 0, None))
-
-    def body(params, frozen, masks, batches, step_mask, keys, eval_batches, context):
-        out, deltas = contrib(
-            params, frozen, masks, batches, step_mask, keys, eval_batches, context
-        )
-        return _psum(_tree_sum0(out), axis), (deltas if client_deltas else {})
-
-    return body
-
-
-def _per_epoch_loop(spec: RoundSpec, jit: bool, client_deltas: bool) -> Callable[..., tuple]:
-    contrib = _per_epoch_contrib(spec)
-    if jit:
-        contrib = jax.jit(contrib)
-
-    def body(params, frozen, masks, batches, step_mask, keys, eval_batches, context):
-        total = None
-        deltas = []
-        for c in range(spec.num_slots):
-            take = lambda t, c=c: jax.tree.map(lambda x: x[c], t)  # noqa: E731
-            out, delta = contrib(
-                params,
-                frozen,
-                take(masks),
-                take(batches),
-                step_mask[c],
-                keys[c],
-                take(eval_batches),
-                context,
-            )
-            total = out if total is None else jax.tree.map(jnp.add, total, out)
-            deltas.append(delta)
-        return total, (_stack(deltas) if client_deltas else {})
-
-    return body
-
-
-# --------------------------------------------------------------------------------------------
-# per-iteration
-# --------------------------------------------------------------------------------------------
-
-
-def _client_jvps(spec: RoundSpec):
-    """Client side of one per-iteration step: returns only (loss, K jvp scalars)."""
-
-    def client(params, frozen, mask, batch, key, step):
-        drop_key, est_key = step_keys(key, step)
-        est = spec.estimator(
-            lambda w: spec.loss_fn(w, frozen, batch, drop_key), params, mask, est_key
-        )
-        return est.loss, est.jvps
+        return (num, den, stats, trainers), (res.delta if client_deltas else {})
 
     return client
 
 
-def _server_contrib(spec: RoundSpec):
-    """Server side: regenerate one client's tangents from its key and weight its gradient."""
+def _per_epoch_body(spec: RoundSpec, client_deltas: bool) -> Callable[..., tuple]:
+    map_clients, _ = _backend_tools(spec)
+    client = _per_epoch_client(spec, client_deltas)
 
-    def server(params, mask, key, step, jvps, weight):
-        _, est_key = step_keys(key, step)
-        grad = reconstruct_gradient(est_key, params, mask, jvps, spec.fwd_sigma, spec.fwd_tangents)
-        return aggregation.weighted_sums(grad, mask, weight)
+    def body(params, frozen, clients: ClientInputs, inputs: EstimatorInputs):
+        return map_clients(client, (params, frozen, inputs), clients)
 
-    return server
+    return body
+
+
+# --------------------------------------------------------------------------------------------
+# per-iteration: scan(reduce(map(client jvps)) -> server step)
+# --------------------------------------------------------------------------------------------
+
+
+def _per_iteration_client(spec: RoundSpec) -> ClientFn:
+    """One client's part of one per-iteration step, and the server's use of it.
+
+    The client computes its loss and K jvp scalars (all it sends); the server regenerates the
+    client's tangents from the same key derivation and adds the client's weighted gradient to
+    the step's per-unit sums.
+    """
+
+    def client(shared, c: ClientInputs):
+        params, frozen, step, inputs = shared
+        est = estimate_step(
+            spec.estimator, spec.loss_fn, params, frozen, c.mask, c.batches, c.key, step, inputs
+        )
+        weight = c.step_mask * jnp.sum(c.batches["example_mask"])
+        _, est_key = step_keys(c.key, step)
+        grad = reconstruct_gradient(
+            est_key, params, c.mask, est.jvps, spec.fwd_sigma, spec.fwd_tangents
+        )
+        num, den = aggregation.weighted_sums(grad, c.mask, weight)
+        stats = {"loss_num": weight * est.loss, "examples": weight, "active": c.step_mask}
+        return (num, den, stats), {}
+
+    return client
 
 
 def _server_step(spec: RoundSpec, p, opt_state, num, den):
@@ -368,37 +490,39 @@ def _server_step(spec: RoundSpec, p, opt_state, num, den):
     return leafwise_step(spec.client_optimizer, grad, opt_state, p, {k: den[k] > 0 for k in p})
 
 
-def _shared_deltas(p_final: Trainable, params: Trainable, real: Array) -> Trainable:
-    """Per-iteration clients all hold the server's weights: each real slot's change is the same."""
-    return {
-        k: real.reshape((-1,) + (1,) * params[k].ndim).astype(params[k].dtype)
-        * (p_final[k] - params[k])[None]
-        for k in params
-    }
+def _per_iteration_summary(spec: RoundSpec, client_deltas: bool) -> ClientFn:
+    """After the steps: who trained, the evaluation of the round's two models, and (on request)
+    each slot's change -- per-iteration clients all hold the server's weights, so each real
+    slot's change is the same."""
+
+    def client(shared, c: ClientInputs):
+        params, p_final, frozen = shared
+        real = (jnp.sum(c.step_mask) > 0).astype(jnp.float32)
+        out = {"clients": real, "trainers": {k: real * m for k, m in c.mask.items()}}
+        if c.eval_batches is not None:
+            out["eval"] = {
+                "generalized": _eval_sums(spec.eval_fn, params, frozen, c.eval_batches),
+                "personalized": _eval_sums(spec.eval_fn, p_final, frozen, c.eval_batches),
+            }
+        delta = {}
+        if client_deltas:
+            delta = {k: real.astype(params[k].dtype) * (p_final[k] - params[k]) for k in params}
+        return out, delta
+
+    return client
 
 
-def _per_iteration_program(
-    spec: RoundSpec, axis: str | None, client_deltas: bool
-) -> Callable[..., tuple]:
-    client = jax.vmap(_client_jvps(spec), in_axes=(None, None, 0, 0, 0, None))
-    server = jax.vmap(_server_contrib(spec), in_axes=(None, 0, 0, None, 0, 0))
+def _per_iteration_body(spec: RoundSpec, client_deltas: bool) -> Callable[..., tuple]:
+    map_clients, scan = _backend_tools(spec)
+    client = _per_iteration_client(spec)
+    summary = _per_iteration_summary(spec, client_deltas)
 
-    def body(params, frozen, masks, batches, step_mask, keys, eval_batches, context):
-        del context  # per-iteration estimators are forward gradients; they take no context
-        steps_first = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batches)
-
+    def body(params, frozen, clients: ClientInputs, inputs: EstimatorInputs):
         def step(carry, xs):
             p, opt_state, stats = carry
             batch, valid, s = xs
-            losses, jvps = client(p, frozen, masks, batch, keys, s)
-            weight = valid * jnp.sum(batch["example_mask"], axis=-1)
-            num, den = _tree_sum0(server(p, masks, keys, s, jvps, weight))
-            step_stats = {
-                "loss_num": jnp.sum(weight * losses),
-                "examples": jnp.sum(weight),
-                "active": jnp.sum(valid),
-            }
-            num, den, step_stats = _psum((num, den, step_stats), axis)
+            step_clients = clients._replace(batches=batch, step_mask=valid, eval_batches=None)
+            (num, den, step_stats), _ = map_clients(client, (p, frozen, s, inputs), step_clients)
             p, opt_state = _server_step(spec, p, opt_state, num, den)
             stats = {
                 "loss_num": stats["loss_num"] + step_stats["loss_num"],
@@ -410,67 +534,16 @@ def _per_iteration_program(
 
         zero = jnp.zeros((), jnp.float32)
         stats0 = {"loss_num": zero, "examples": zero, "steps": zero, "active_sq": zero}
-        num_steps = step_mask.shape[1]
-        xs = (steps_first, jnp.swapaxes(step_mask, 0, 1), jnp.arange(num_steps))
+        steps_first = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), clients.batches)
+        num_steps = clients.step_mask.shape[1]
+        xs = (steps_first, jnp.swapaxes(clients.step_mask, 0, 1), jnp.arange(num_steps))
         init = (params, init_leaf_states(spec.client_optimizer, params), stats0)
-        (p_final, _, stats), _ = jax.lax.scan(step, init, xs)
-        real = (jnp.sum(step_mask, axis=1) > 0).astype(jnp.float32)
-        trainers = {k: jnp.sum(real * m) for k, m in masks.items()}
-        extra = {"clients": jnp.sum(real)}
-        if eval_batches is not None:
-            evaluate = jax.vmap(lambda p, b: _eval_sums(spec.eval_fn, p, frozen, b), (None, 0))
-            extra["eval"] = {
-                "generalized": _tree_sum0(evaluate(params, eval_batches)),
-                "personalized": _tree_sum0(evaluate(p_final, eval_batches)),
-            }
-        # The step statistics were already summed over devices inside the scan.
-        extra, trainers = _psum((extra, trainers), axis)
-        stats.update(extra)
-        per_client = _shared_deltas(p_final, params, real) if client_deltas else {}
-        return (p_final, stats, trainers), per_client
-
-    return body
-
-
-def _per_iteration_loop(spec: RoundSpec, client_deltas: bool) -> Callable[..., tuple]:
-    client = _client_jvps(spec)
-    server = _server_contrib(spec)
-
-    def body(params, frozen, masks, batches, step_mask, keys, eval_batches, context):
-        del context
-        p = params
-        opt_state = init_leaf_states(spec.client_optimizer, params)
-        stats = {"loss_num": 0.0, "examples": 0.0, "steps": 0.0, "active_sq": 0.0}
-        for s in range(step_mask.shape[1]):
-            num = den = None
-            active = 0.0
-            for c in range(spec.num_slots):
-                take = lambda t, c=c: jax.tree.map(lambda x: x[c], t)  # noqa: E731
-                batch = jax.tree.map(lambda x, c=c: x[c, s], batches)
-                loss, jvps = client(p, frozen, take(masks), batch, keys[c], s)
-                weight = step_mask[c, s] * jnp.sum(batch["example_mask"])
-                n, d = server(p, take(masks), keys[c], s, jvps, weight)
-                num = n if num is None else jax.tree.map(jnp.add, num, n)
-                den = d if den is None else jax.tree.map(jnp.add, den, d)
-                stats["loss_num"] += weight * loss
-                stats["examples"] += weight
-                active += step_mask[c, s]
-            stats["steps"] += active
-            stats["active_sq"] += active**2
-            p, opt_state = _server_step(spec, p, opt_state, num, den)
-        real = (jnp.sum(step_mask, axis=1) > 0).astype(jnp.float32)
-        stats["clients"] = jnp.sum(real)
-        trainers = {k: jnp.sum(real * m) for k, m in masks.items()}
-        if eval_batches is not None:
-            stats["eval"] = {"generalized": None, "personalized": None}
-            for c in range(spec.num_slots):
-                b = jax.tree.map(lambda x, c=c: x[c], eval_batches)
-                for name, w in (("generalized", params), ("personalized", p)):
-                    out = _eval_sums(spec.eval_fn, w, frozen, b)
-                    prev = stats["eval"][name]
-                    stats["eval"][name] = out if prev is None else jax.tree.map(jnp.add, prev, out)
-        per_client = _shared_deltas(p, params, real) if client_deltas else {}
-        return (p, stats, trainers), per_client
+        (p_final, _, stats), _ = scan(step, init, xs)
+        out, per_client = map_clients(summary, (params, p_final, frozen), clients)
+        stats["clients"] = out["clients"]
+        if "eval" in out:
+            stats["eval"] = out["eval"]
+        return (p_final, stats, out["trainers"]), per_client
 
     return body
 
@@ -480,31 +553,20 @@ def _per_iteration_loop(spec: RoundSpec, client_deltas: bool) -> Callable[..., t
 # --------------------------------------------------------------------------------------------
 
 
-def _shard(spec: RoundSpec, body: Callable[..., Any]) -> Callable[..., Any]:
+def _inner(spec: RoundSpec, client_deltas: bool) -> Callable[..., tuple]:
+    make_body = _per_epoch_body if spec.comm_mode == "per_epoch" else _per_iteration_body
+    body = make_body(spec, client_deltas)
+    if spec.backend != "shard_map":
+        return body
     clients = P(CLIENT_AXIS)
     return jax.shard_map(
         body,
         mesh=spec.mesh,
-        in_specs=(P(), P(), clients, clients, clients, clients, clients, P()),
-        # (the round's sums, replicated; the per-client deltas, split like the clients)
+        in_specs=(P(), P(), clients, P()),
+        # (the round's sums, replicated; the per-client outputs, split like the clients)
         out_specs=(P(), clients),
         check_vma=False,
     )
-
-
-def _inner(spec: RoundSpec, client_deltas: bool) -> Callable[..., tuple]:
-    axis = CLIENT_AXIS if spec.backend == "shard_map" else None
-    program = spec.backend in ("shard_map", "vmap")
-    if spec.comm_mode == "per_epoch":
-        if program:
-            inner = _per_epoch_program(spec, axis, client_deltas)
-        else:
-            inner = _per_epoch_loop(spec, spec.backend == "loop", client_deltas)
-    elif program:
-        inner = _per_iteration_program(spec, axis, client_deltas)
-    else:
-        inner = _per_iteration_loop(spec, client_deltas)
-    return _shard(spec, inner) if spec.backend == "shard_map" else inner
 
 
 def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str, Array]]]:
@@ -545,13 +607,18 @@ def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str,
             eval_batches = {k: v for k, v in eval_batches.items() if k != "step_mask"}
         round_key = jax.random.fold_in(state.rng, state.round) if key is None else key
         masks, keys = _masks_and_keys(spec, round_key)
-        batches = {k: v for k, v in client_batches.items() if k != "step_mask"}
         step_mask = client_batches["step_mask"]
-        # What estimators may read besides (f, params, mask, key): see client.ClientContext.
-        context = {"round": state.round, "guide": state.last_delta}
-        out, per_client = inners[bool(client_deltas)](
-            state.params, frozen, masks, batches, step_mask, keys, eval_batches, context
+        clients = ClientInputs(
+            mask=masks,
+            batches={k: v for k, v in client_batches.items() if k != "step_mask"},
+            step_mask=step_mask,
+            key=keys,
+            eval_batches=eval_batches,
         )
+        # What estimators may read besides (f, params, mask, key): the global count of the
+        # round's first local step and the previous round's aggregate.
+        inputs = EstimatorInputs(step=state.round * step_mask.shape[1], guide=state.last_delta)
+        out, per_client = inners[bool(client_deltas)](state.params, frozen, clients, inputs)
         if spec.comm_mode == "per_epoch":
             num, den, stats, trainers = out
             delta = aggregation.finalize(num, den)
@@ -599,28 +666,3 @@ def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str,
 
         return debug_round_fn
     return round_fn
-
-
-def comm_bytes(
-    spec: RoundSpec, params: Trainable, metrics: dict[str, Any], num_tangents: int = 0
-) -> tuple[int, int]:
-    """Bytes sent up (clients -> server) and down in one round, from the round's metrics.
-
-    per_epoch: up = the trained units of each client + its example count (4 bytes); down = the
-    full trainable weights to each client. per_iteration: up = K float32 jvp scalars per client
-    per real step; down = the trainable weights once per client, then every step the step's jvp
-    scalars of all active clients to each active client (from which a client replays the
-    server's deterministic update with the shared tangent seeds).
-    """
-    nbytes = {k: int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for k, v in params.items()}
-    total = sum(nbytes.values())
-    clients = int(round(float(metrics["train/clients"])))
-    down = clients * total
-    if spec.comm_mode == "per_epoch":
-        up = sum(int(round(float(metrics["trainers"][k]))) * nbytes[k] for k in nbytes)
-        up += 4 * clients
-    else:
-        steps = int(round(float(metrics["train/steps"])))
-        up = 4 * num_tangents * steps
-        down += 4 * num_tangents * int(round(float(metrics["active_sq"])))
-    return up, down

@@ -21,7 +21,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from spry_jax.core.estimators import Estimate, Estimator, LossClosure, contract, draw_tangents
+from spry_jax.core.estimators import (
+    NO_INPUTS,
+    Estimate,
+    Estimator,
+    EstimatorInputs,
+    LossClosure,
+    contract,
+    draw_tangents,
+)
 from spry_jax.types import Array, Trainable
 
 
@@ -59,7 +67,15 @@ def spsa(num_perturbations: int = 1, eps: float = 1e-3, name: str = "zo") -> Est
     if eps <= 0:
         raise ValueError(f"{name} eps/sigma must be > 0, got {eps}")
 
-    def estimate(f: LossClosure, params: Trainable, mask: Trainable, key: Array) -> Estimate:
+    def estimate(
+        f: LossClosure,
+        params: Trainable,
+        mask: Trainable,
+        key: Array,
+        inputs: EstimatorInputs = NO_INPUTS,
+    ) -> Estimate:
+        del inputs
+
         def one(acc, i):
             k = jax.random.fold_in(key, i)
             d, loss = central_difference(f, params, _direction(k, params, mask), eps)
@@ -181,8 +197,9 @@ def fwdllm(
         params: Trainable,
         mask: Trainable,
         key: Array,
-        guide: Trainable | None = None,
+        inputs: EstimatorInputs = NO_INPUTS,
     ) -> Estimate:
+        guide = inputs.guide
         candidates = draw_tangents(key, params, mask, num_candidates)
         masked_guide = None
         if guide is not None:
@@ -198,5 +215,4 @@ def fwdllm(
             estimated = dict.fromkeys(grad, keep)
         return Estimate(jnp.mean(losses), grad, ds, estimated)
 
-    estimate.extra_inputs = ("guide",)
     return estimate

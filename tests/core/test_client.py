@@ -138,13 +138,13 @@ def test_leafwise_step_keeps_inactive_leaves_bit_identical():
 def _table_estimator(table):
     """Returns ``table[k][step]`` as the step's estimate; step 3 is marked not estimated."""
 
-    def estimate(f, params, mask, key, step=0):
+    def estimate(f, params, mask, key, inputs):
         del key
+        step = inputs.step
         grad = {k: jnp.asarray(v)[step] * mask[k] for k, v in table.items()}
         estimated = dict.fromkeys(params, step != 3)
         return E.Estimate(f(params), grad, jnp.zeros((0,), jnp.float32), estimated)
 
-    estimate.extra_inputs = ("step",)
     return estimate
 
 

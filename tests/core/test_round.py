@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spry_jax import tasks
+from spry_jax import comm, tasks
 from spry_jax.core import client as C
 from spry_jax.core import estimators as E
 from spry_jax.core import round as R
@@ -296,7 +296,7 @@ def test_comm_bytes_per_epoch_and_per_iteration():
     total = sum(nbytes.values())
     spec = _spec(model, "vmap")
     _, metrics = _run(spec, model, _batches(), rounds=1)
-    up, down = R.comm_bytes(spec, model.trainable, metrics)
+    up, down = comm.round_bytes(spec.comm_mode, model.trainable, metrics)
     # M=5 clients > G=3 units: each client sends exactly the one unit it trained.
     masks, _ = R._masks_and_keys(spec, jax.random.fold_in(jax.random.PRNGKey(0), 0))
     per_client = [sum(nbytes[k] for k in masks if float(masks[k][c])) for c in range(M)]
@@ -305,7 +305,7 @@ def test_comm_bytes_per_epoch_and_per_iteration():
     assert down == M * total
     spec = _spec(model, "vmap", mode="per_iteration")
     _, metrics = _run(spec, model, _batches(), rounds=1)
-    up, down = R.comm_bytes(spec, model.trainable, metrics, num_tangents=2)
+    up, down = comm.round_bytes(spec.comm_mode, model.trainable, metrics, num_tangents=2)
     real_steps = float(np.sum(np.asarray(_batches()["step_mask"])))
     assert up == 4 * 2 * real_steps
     assert down > M * total
@@ -340,7 +340,7 @@ def _client_results(spec, model, batches):
             spec.loss_fn, spec.estimator, spec.client_optimizer, report_variance=True
         )
     )
-    context = {"round": state.round, "guide": state.last_delta}
+    inputs = E.EstimatorInputs(step=state.round * STEPS, guide=state.last_delta)
     out = []
     for c in range(SLOTS):
         mask_c = {k: masks[k][c] for k in masks}
@@ -352,7 +352,7 @@ def _client_results(spec, model, batches):
             batch_c,
             batches["step_mask"][c],
             keys[c],
-            context,
+            inputs,
         )
         out.append((mask_c, res))
     return out
@@ -433,3 +433,53 @@ def test_per_iteration_server_step_leaves_an_untrained_leaf_and_its_state_alone(
     for a, b in zip(jax.tree.leaves(states["l1/lora_a"]), jax.tree.leaves(fresh), strict=True):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(p["l0/lora_a"], model.trainable["l0/lora_a"])
+
+
+# --------------------------------------------------------------------------------------------
+# Clients in chunks (round.client_chunk)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["per_epoch", "per_iteration"])
+@pytest.mark.parametrize(("backend", "chunk"), [("vmap", 4), ("shard_map", 1)])
+def test_client_chunks_give_the_same_numbers(mode, backend, chunk):
+    """16 slots: vmap in 4 chunks of 4; shard_map 2 slots per device in 2 chunks of 1."""
+    model = make_toy_model(dropout=0.1)
+    slots = 16
+    batches = _batches(m=11, slots=slots)
+    whole = _spec(model, backend, mode, m=11, slots=slots)
+    chunked = R.RoundSpec(**{**whole.__dict__, "client_chunk": chunk})
+    state = R.init_server_state(model.trainable, whole.server_optimizer, seed=0)
+    outs = [
+        R.make_round_fn(spec)(state, model.frozen, batches, client_deltas=True)
+        for spec in (whole, chunked)
+    ]
+    (ref_state, ref), (got_state, got) = outs
+    for k in model.order:
+        np.testing.assert_allclose(got_state.params[k], ref_state.params[k], atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(
+            got["client_deltas"][k], ref["client_deltas"][k], atol=1e-6, err_msg=k
+        )
+        np.testing.assert_allclose(got["trainers"][k], ref["trainers"][k])
+    for name in ("train/loss", "train/examples", "train/steps", "train/clients"):
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-6, err_msg=name)
+    # Real work was done and chunking did not drop a client: 11 real clients counted.
+    assert float(got["train/clients"]) == 11
+    assert any(float(np.abs(got["client_deltas"][k][10]).max()) > 0 for k in model.order)
+
+
+def test_bad_client_chunks_are_rejected():
+    model = make_toy_model()
+    base = _spec(model, "vmap")
+    with pytest.raises(ValueError, match="client_chunk=3 must divide"):
+        R.RoundSpec(**{**base.__dict__, "client_chunk": 3})
+    with pytest.raises(ValueError, match="client_chunk must be >= 0"):
+        R.RoundSpec(**{**base.__dict__, "client_chunk": -1})
+    loop = _spec(model, "loop")
+    with pytest.raises(ValueError, match="round.backend='loop' already runs one client"):
+        R.RoundSpec(**{**loop.__dict__, "client_chunk": 2})
+    sharded = _spec(model, "shard_map", slots=16)
+    with pytest.raises(ValueError, match=r"padded_slots\(M, 8, 4\)"):
+        R.RoundSpec(**{**sharded.__dict__, "client_chunk": 4})
+    assert R.padded_slots(11, 8, 1) == 16 and R.padded_slots(11, 8, 4) == 32
+    assert R.padded_slots(11, 1, 4) == 12 and R.padded_slots(11, 8) == 16

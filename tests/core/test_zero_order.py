@@ -89,7 +89,7 @@ def test_zero_order_estimates_vanish_off_the_mask():
     mask = {"a": jnp.float32(0.0), "b": jnp.float32(1.0)}
     for est in (
         Z.spsa(3, 1e-2)(quadratic, PARAMS, mask, KEY),
-        Z.fwdllm(4, 2)(quadratic, PARAMS, mask, KEY, guide=None),
+        Z.fwdllm(4, 2)(quadratic, PARAMS, mask, KEY, E.EstimatorInputs(guide=None)),
     ):
         assert np.all(np.asarray(est.grad["a"]) == 0)
         assert np.any(np.asarray(est.grad["b"]) != 0)
@@ -120,7 +120,7 @@ def test_fwdllm_uses_the_most_aligned_candidates_by_hand(guided):
         chosen = list(np.argsort(cos)[::-1][:k])
     else:
         guide, chosen = {n: jnp.zeros_like(v) for n, v in PARAMS.items()}, [0, 1]  # round 0
-    est = Z.fwdllm(num_c, k, eps)(quadratic, PARAMS, MASK, KEY, guide=guide)
+    est = Z.fwdllm(num_c, k, eps)(quadratic, PARAMS, MASK, KEY, E.EstimatorInputs(guide=guide))
     expected = {n: np.zeros(v.shape) for n, v in PARAMS.items()}
     for j, i in enumerate(chosen):
         z = {n: cands[n][i] for n in cands}
@@ -138,7 +138,13 @@ def test_fwdllm_guided_by_the_true_gradient_aligns_better_than_random():
     keys = jax.random.split(KEY, 500)
 
     def mean_cos(guide):
-        fn = jax.vmap(lambda key: Z.fwdllm(10, 2, 1e-3)(quadratic, PARAMS, MASK, key, guide).grad)
+        fn = jax.vmap(
+            lambda key: (
+                Z.fwdllm(10, 2, 1e-3)(
+                    quadratic, PARAMS, MASK, key, E.EstimatorInputs(guide=guide)
+                ).grad
+            )
+        )
         grads = jax.jit(fn)(keys)
         flat = np.concatenate([np.asarray(grads[k]).reshape(len(keys), -1) for k in sorted(g)], 1)
         return np.mean(flat @ gv / np.linalg.norm(flat, axis=1) / np.linalg.norm(gv))
@@ -156,9 +162,9 @@ def test_relative_variance_by_hand_and_the_filter_fires():
     r = float(Z.relative_variance(ds, {k: jnp.asarray(v) for k, v in cands.items()}))
     np.testing.assert_allclose(r, hand, rtol=1e-5)
 
-    base = Z.fwdllm(10, 4, 1e-3)(quadratic, PARAMS, MASK, KEY, None)
-    kept = Z.fwdllm(10, 4, 1e-3, var_threshold=1e9)(quadratic, PARAMS, MASK, KEY, None)
-    dropped = Z.fwdllm(10, 4, 1e-3, var_threshold=1e-9)(quadratic, PARAMS, MASK, KEY, None)
+    base = Z.fwdllm(10, 4, 1e-3)(quadratic, PARAMS, MASK, KEY, E.NO_INPUTS)
+    kept = Z.fwdllm(10, 4, 1e-3, var_threshold=1e9)(quadratic, PARAMS, MASK, KEY, E.NO_INPUTS)
+    dropped = Z.fwdllm(10, 4, 1e-3, var_threshold=1e-9)(quadratic, PARAMS, MASK, KEY, E.NO_INPUTS)
     cands10 = {k: v[:4] for k, v in _candidates(10).items()}
     ratio = float(Z.relative_variance(base.jvps, {k: jnp.asarray(v) for k, v in cands10.items()}))
     assert 1e-9 < ratio < 1e9
@@ -166,9 +172,13 @@ def test_relative_variance_by_hand_and_the_filter_fires():
         np.testing.assert_array_equal(kept.grad[k], base.grad[k])
         assert np.all(np.asarray(dropped.grad[k]) == 0)
         assert np.any(np.asarray(base.grad[k]) != 0)
-    mid = Z.fwdllm(10, 4, 1e-3, var_threshold=ratio * 0.99)(quadratic, PARAMS, MASK, KEY, None)
+    mid = Z.fwdllm(10, 4, 1e-3, var_threshold=ratio * 0.99)(
+        quadratic, PARAMS, MASK, KEY, E.NO_INPUTS
+    )
     assert all(np.all(np.asarray(mid.grad[k]) == 0) for k in PARAMS)
-    mid = Z.fwdllm(10, 4, 1e-3, var_threshold=ratio * 1.01)(quadratic, PARAMS, MASK, KEY, None)
+    mid = Z.fwdllm(10, 4, 1e-3, var_threshold=ratio * 1.01)(
+        quadratic, PARAMS, MASK, KEY, E.NO_INPUTS
+    )
     assert all(np.any(np.asarray(mid.grad[k]) != 0) for k in PARAMS)
 
 

@@ -16,6 +16,7 @@ from flax import nnx
 
 from spry_jax import methods, models, tasks
 from spry_jax.config import default_config
+from spry_jax.core import estimators as E
 from spry_jax.models import layers, quant
 
 
@@ -164,8 +165,8 @@ def _estimate_fn(method: str, f, params):
     cfg.method = method
     est = methods.build_round_parts(cfg).estimator
     mask = {k: jnp.float32(1) for k in params}
-    kwargs = {"step": jnp.int32(0)} if "step" in getattr(est, "extra_inputs", ()) else {}
-    return lambda p: est(f, p, mask, jax.random.PRNGKey(0), **kwargs)
+    inputs = E.EstimatorInputs(step=jnp.int32(0))
+    return lambda p: est(f, p, mask, jax.random.PRNGKey(0), inputs)
 
 
 def test_every_backprop_row_dequantises_lazily():
