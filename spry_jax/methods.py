@@ -3,12 +3,14 @@
 A method = gradient estimator x split rule x client optimizer x server optimizer x
 communication mode; the baselines are those the Spry paper compares with (Panchal et al., NeurIPS 2024, arXiv 2405.15551). The round program (:mod:`spry_jax.core.round`) never
 branches on a method's name; :func:`build_round_parts` turns a row plus the config into the
-pieces the round needs.
+pieces the round needs, and :func:`model_options` into the options of the model build
+(``make_split_model(..., **model_options(name))``: MeBP's per-layer checkpoints, MeSP's LoRA
+recompute and the backprop rows' lazy dequantisation are how the model is built, so their
+estimator is plain backprop).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +20,6 @@ import optax
 from spry_jax.core import client as client_lib
 from spry_jax.core import estimators, zero_order
 from spry_jax.core import server as server_lib
-from spry_jax.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,9 @@ class Method:
       client_lr: if set, the client learning rate is fixed (FedSGD: 1.0, so delta = -grad).
       comm_modes: communication modes the method supports.
       doc: one line for ``--helpfull`` and README tables.
+      remat: how the model is built for backprop (``make_split_model(..., remat=...)``):
+        ``"none"``; ``"layer"``, a checkpoint per transformer layer (MeBP); ``"lora"``, LoRA's
+        ``xA`` recomputed in the backward pass (MeSP). See :func:`model_options`.
     """
 
     estimator: str
@@ -44,6 +48,7 @@ class Method:
     client_lr: float | None = None
     comm_modes: tuple[str, ...] = ("per_epoch",)
     doc: str = ""
+    remat: str = "none"
 
 
 LORA_A_MODES = ("perturb", "frozen")
@@ -73,34 +78,11 @@ def _forward(
     )
 
 
-def _backprop_trace(*switches: Callable[[], Any]) -> Callable[[], Any]:
-    """The trace context of a backprop row: lazy dequantisation of a quantised base (every
-    backprop row; MeBP as published keeps no float copy of a kernel, arXiv 2510.03425) plus
-    the row's own model switches (per-layer remat, LoRA recompute)."""
-
-    @contextlib.contextmanager
-    def enter():
-        with contextlib.ExitStack() as stack:
-            for switch in (layers.lazy_dequant, *switches):
-                stack.enter_context(switch())
-            yield
-
-    return enter
-
-
 # Each builder takes the config and the model's head keys (only the forward estimator reads them).
 ESTIMATORS: dict[str, Callable[..., estimators.Estimator]] = {
     "forward": _forward,
-    "backprop": lambda cfg, head_keys=(): estimators.backprop(
-        remat=False, trace_context=_backprop_trace()
-    ),
-    "backprop_remat": lambda cfg, head_keys=(): estimators.backprop_layer_remat(
-        _backprop_trace(layers.layer_remat)
-    ),
-    "backprop_mesp": lambda cfg, head_keys=(): estimators.backprop_mesp(
-        _backprop_trace(layers.lora_recompute)
-    ),
-    "lcsb": lambda cfg, head_keys=(): estimators.lcsb(cfg.lcsb.layers_per_step, _backprop_trace()),
+    "backprop": lambda cfg, head_keys=(): estimators.backprop(),
+    "lcsb": lambda cfg, head_keys=(): estimators.lcsb(cfg.lcsb.layers_per_step),
     "mezo": lambda cfg, head_keys=(): zero_order.spsa(cfg.zo.num_perturbations, cfg.zo.eps, "zo"),
     "baffle": lambda cfg, head_keys=(): zero_order.spsa(
         cfg.zo.baffle_num_perturbations, cfg.zo.baffle_sigma, "zo.baffle"
@@ -144,7 +126,11 @@ METHODS: dict[str, Method] = {
     "fedavg_split": Method("backprop", True, "fedavg", doc="backprop on Spry's split, FedAvg"),
     "fedyogi_split": Method("backprop", True, "fedyogi", doc="backprop on Spry's split, FedYogi"),
     "fedavg_remat": Method(
-        "backprop_remat", False, "fedavg", doc="MeBP: backprop with activation checkpointing"
+        "backprop",
+        False,
+        "fedavg",
+        doc="MeBP: backprop with activation checkpointing",
+        remat="layer",
     ),
     "fedmezo": Method(
         "mezo", False, "fedavg", doc="FedMeZO: zero-order SPSA (two forwards at w +- eps z)"
@@ -163,10 +149,11 @@ METHODS: dict[str, Method] = {
         "similarity to the last round's update, clients with variance >= 1e2 dropped, FedYogi",
     ),
     "fedavg_mesp": Method(
-        "backprop_mesp",
+        "backprop",
         False,
         "fedavg",
         doc="MeSP: backprop recomputing the LoRA intermediate xA in the backward pass",
+        remat="lora",
     ),
     "fedavg_lcsb": Method(
         "lcsb",
@@ -194,6 +181,20 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"method={name!r} is unknown; choose one of {', '.join(sorted(METHODS))}.")
     return METHODS[name]
+
+
+# Estimators that differentiate the loss in reverse mode: their rows build the model with a
+# lazily dequantised quantised base (a custom_vjp, which forward mode cannot go through).
+BACKPROP_ESTIMATORS = ("backprop", "lcsb")
+
+
+def model_options(name: str) -> dict[str, Any]:
+    """The model-build options method ``name``'s row names, as keyword arguments of
+    :func:`spry_jax.models.make_split_model`: ``remat`` (the row's ``remat``) and
+    ``lazy_dequant`` (every backprop row: a quantised base is dequantised again in the
+    backward pass rather than kept in float, as MeBP as published does, arXiv 2510.03425)."""
+    method = get_method(name)
+    return {"remat": method.remat, "lazy_dequant": method.estimator in BACKPROP_ESTIMATORS}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,7 +126,12 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     )
     try:
         model = models.make_split_model(
-            config.model, config.peft, task=fed.task, num_labels=fed.num_labels, seed=config.seed
+            config.model,
+            config.peft,
+            task=fed.task,
+            num_labels=fed.num_labels,
+            seed=config.seed,
+            **methods.model_options(config.method),
         )
     except UserError:
         raise

@@ -19,7 +19,6 @@ from spry_jax.core import client as C
 from spry_jax.core import estimators as E
 from spry_jax.core import round as R
 from spry_jax.core import units as U
-from spry_jax.models import layers
 from tests.core.toy import make_toy_batches, make_toy_model
 
 
@@ -57,6 +56,12 @@ def bert():
         k: v + 0.1 * jax.random.normal(jax.random.PRNGKey(i), v.shape, v.dtype)
         for i, (k, v) in enumerate(sorted(model.trainable.items()))
     }
+    f = _loss_closure(model)
+    return model, params, f, jax.value_and_grad(f)(params)
+
+
+def _loss_closure(model):
+    """The model's loss on one fixed batch with a fixed dropout key."""
     rng = np.random.default_rng(0)
     batch = {
         "input_ids": jnp.asarray(rng.integers(4, 128, (4, 16)), jnp.int32),
@@ -65,8 +70,7 @@ def bert():
         "example_mask": jnp.ones((4,), jnp.float32),
     }
     loss_fn = tasks.make_loss_fn(model)
-    f = lambda w: loss_fn(w, model.frozen, batch, jax.random.PRNGKey(7))  # noqa: E731
-    return model, params, f, jax.value_and_grad(f)(params)
+    return lambda w: loss_fn(w, model.frozen, batch, jax.random.PRNGKey(7))
 
 
 def _ones(params):
@@ -74,24 +78,38 @@ def _ones(params):
 
 
 def test_mesp_gradient_is_backprop_and_only_xa_is_recomputed(bert):
+    """``fedavg_mesp``'s row builds the model with ``remat="lora"``; its estimator, plain
+    backprop over that build, gives the plain build's gradient and stores no ``xA``."""
     model, params, f, (loss, grad) = bert
-    mesp = methods.ESTIMATORS["backprop_mesp"](default_config())
-    est = jax.jit(lambda p: mesp(f, p, _ones(p), jax.random.PRNGKey(0)))(params)
+    c = smoke.get_config()
+    assert methods.model_options("fedavg_mesp")["remat"] == "lora"
+    mesp_model = models.make_split_model(
+        c.model,
+        c.peft,
+        task="classification",
+        num_labels=2,
+        seed=0,
+        **methods.model_options("fedavg_mesp"),
+    )
+    f_mesp = _loss_closure(mesp_model)
+    cfg = default_config()
+    cfg.method = "fedavg_mesp"
+    mesp = methods.build_round_parts(cfg).estimator
+    est = jax.jit(lambda p: mesp(f_mesp, p, _ones(p), jax.random.PRNGKey(0)))(params)
     np.testing.assert_allclose(est.loss, loss, rtol=1e-6)
     for k in params:
         assert np.any(np.asarray(grad[k]) != 0), k
         np.testing.assert_allclose(est.grad[k], grad[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
-    def residual_shapes(recompute):
+    def residual_shapes(loss_closure):
         out = io.StringIO()
-        ctx = layers.lora_recompute() if recompute else contextlib.nullcontext()
-        with ctx, contextlib.redirect_stdout(out):
-            jax.ad_checkpoint.print_saved_residuals(f, params)
+        with contextlib.redirect_stdout(out):
+            jax.ad_checkpoint.print_saved_residuals(loss_closure, params)
         return [line.split(" ")[0] for line in out.getvalue().splitlines()]
 
     # xA is [batch=4, seq=16, rank=2] per adapted projection (2 layers x query/value).
     xa = "f32[4,16,2]"
-    plain, recomputed = residual_shapes(False), residual_shapes(True)
+    plain, recomputed = residual_shapes(f), residual_shapes(f_mesp)
     assert plain.count(xa) == 4
     assert recomputed.count(xa) == 0
     # Nothing else of activation size is added (only references to the LoRA weights).

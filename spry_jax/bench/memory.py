@@ -111,12 +111,16 @@ def abstract_split_model(
     *,
     dropout: float = 0.1,
     overrides: dict[str, Any] | None = None,
+    remat: str = "none",
+    lazy_dequant: bool = False,
 ) -> SplitModel:
     """A :class:`SplitModel` whose ``trainable`` and ``frozen`` are ``jax.ShapeDtypeStruct``.
 
     The model is built, adapted (LoRA r=1, alpha=1 on query/value) and split inside
     ``jax.eval_shape``, so no weight is allocated; ``apply_fn`` keeps only the graph and leaf
-    shapes, and is called on real or abstract arrays alike.
+    shapes, and is called on real or abstract arrays alike. ``remat`` and ``lazy_dequant`` are
+    the build options of :func:`spry_jax.models.make_split_model` (a method's come from
+    :func:`spry_jax.methods.model_options`).
     """
     peft_cfg = dict(
         method="lora", lora_rank=1, lora_alpha=1.0, lora_dropout=dropout, target_modules=[]
@@ -133,6 +137,7 @@ def abstract_split_model(
             quant=setting.quant,
         )
         models.apply_peft(model, peft_cfg)
+        models.set_build_options(model, remat=remat, lazy_dequant=lazy_dequant)
         split = peft_lib.split_model(model, peft_cfg)
         holder["split"] = split
         return split.trainable, split.frozen
@@ -157,6 +162,9 @@ def client_step_fn(
 ):
     """``step(params, frozen, mask, batches, step_mask, key, inputs)``.
 
+    ``model`` must be built with ``method``'s options (:func:`spry_jax.methods.model_options`;
+    :func:`analyse` and :func:`measure_rss` do): MeBP's checkpoints, MeSP's recompute and the
+    lazy dequantisation of a quantised base are part of the model, not of the estimator.
     ``scope="client_step"``: the method's client update (:func:`make_client_update`, the
     program a round runs) on one local step -- estimator and client optimizer, -> ClientResult.
     ``scope="estimator"``: the gradient estimator alone on the batch -> Estimate (the loss and
@@ -266,7 +274,9 @@ def analyse(
       overrides: HF-config overrides (e.g. fewer layers, for tests).
     """
     setting = setting_for(name, batch, seq, quant)
-    model = abstract_split_model(name, setting, overrides=overrides)
+    model = abstract_split_model(
+        name, setting, overrides=overrides, **methods.model_options(method)
+    )
     step = client_step_fn(model, method, num_tangents, scope)
     args = step_arguments(model, setting)
     t0 = time.perf_counter()
@@ -288,6 +298,7 @@ def analyse(
         method=method,
         scope=scope,
         estimator=methods.get_method(method).estimator,
+        remat=methods.get_method(method).remat,
         task=setting.task,
         batch=setting.batch,
         seq=setting.seq,
@@ -336,7 +347,11 @@ def measure_rss(name: str, method: str, batch: int = 8, seq: int = 64) -> dict[s
     )
     peft_cfg = dict(method="lora", lora_rank=1, lora_alpha=1.0, lora_dropout=0.1, target_modules=[])
     model = models.make_split_model(
-        model_cfg, peft_cfg, task=setting.task, num_labels=setting.num_labels
+        model_cfg,
+        peft_cfg,
+        task=setting.task,
+        num_labels=setting.num_labels,
+        **methods.model_options(method),
     )
     step = client_step_fn(model, method)
     shapes = step_arguments(model, setting)

@@ -9,14 +9,17 @@ round's aggregated update (FwdLLM+'s guide). Every estimator receives ``inputs``
 what it does not use; the one call site is :func:`spry_jax.core.client.estimate_step`. The
 returned gradient is zero outside the mask.
 
-* :func:`backprop` -- ``jax.value_and_grad``, optionally rematerialised as a whole.
-* :func:`backprop_layer_remat` -- MeBP: backprop with a checkpoint per transformer layer.
+* :func:`backprop` -- ``jax.value_and_grad``, optionally rematerialised as a whole. It is also
+  MeBP and MeSP: per-layer checkpoints (``remat="layer"``), LoRA's ``xA`` recomputed
+  (``remat="lora"``) and the lazy dequantisation of a quantised base are options of the model
+  build (``make_split_model(..., remat=..., lazy_dequant=...)``, named by the method row,
+  :func:`spry_jax.methods.model_options`), so the loss ``f`` already carries them and the
+  estimator is plain ``value_and_grad``.
 * :func:`forward` -- forward gradient (Baydin et al. 2022; Spry, Panchal et al. 2024, §3):
   K tangents ``v_k ~ N(0, sigma^2 I)`` drawn on the masked leaves only,
   ``g = (1/K) sum_k (grad f . v_k) v_k`` with each directional derivative from one ``jax.jvp``.
   ``E[g] = sigma^2 grad f`` on the mask, so ``sigma = 1`` gives an unbiased estimate; the
   variance is honoured as written (the release ignores it) and acts as a step-size scale.
-* :func:`backprop_mesp` -- MeSP: backprop recomputing the LoRA intermediate ``xA``.
 * :func:`lcsb` -- layer-cyclic selective backprop (exact gradient on one block of layers).
 
 Zero-order estimators live in :mod:`spry_jax.core.zero_order`.
@@ -24,9 +27,8 @@ Zero-order estimators live in :mod:`spry_jax.core.zero_order`.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -137,18 +139,20 @@ def reconstruct_gradient(
     return contract(jvps, tangents)
 
 
-def backprop(
-    remat: bool = False, trace_context: Callable[[], Any] = contextlib.nullcontext
-) -> Estimator:
+def backprop(remat: bool = False) -> Estimator:
     """Exact gradient by reverse mode, masked to the client's units.
+
+    MeBP (per-layer activation checkpoints plus lazy weight decompression, arXiv 2510.03425)
+    and MeSP (LoRA's ``xA`` recomputed, arXiv 2506.21833) are this estimator over a loss whose
+    model was built with ``remat="layer"`` or ``remat="lora"``
+    (:func:`spry_jax.models.layers.set_build_options`): the forward pass then keeps only the
+    hidden state entering each layer (or drops ``xA``), the backward pass recomputes the rest,
+    and the gradient is the plain backprop gradient.
 
     Args:
       remat: wrap the whole loss in ``jax.checkpoint``. This does not lower peak memory (the
-        backward pass recomputes the full forward and holds all its residuals); use
-        :func:`backprop_layer_remat` for per-layer checkpoints.
-      trace_context: the loss is traced inside ``trace_context()`` (the methods table passes
-        the models' ``lazy_dequant`` switch: a quantised base is dequantised again in the
-        backward pass rather than kept in float).
+        backward pass recomputes the full forward and holds all its residuals); per-layer
+        checkpoints are the model build's ``remat="layer"``.
     """
 
     def estimate(
@@ -160,8 +164,7 @@ def backprop(
     ) -> Estimate:
         del key, inputs
         fn = jax.checkpoint(f) if remat else f
-        with trace_context():
-            loss, grad = jax.value_and_grad(fn)(params)
+        loss, grad = jax.value_and_grad(fn)(params)
         return Estimate(loss, _mask_tree(grad, mask), jnp.zeros((0,), jnp.float32))
 
     return estimate
@@ -288,54 +291,8 @@ def forward(
 
 
 # --------------------------------------------------------------------------------------------
-# Memory-efficient backprop baselines (arXiv 2506.21833): MeSP and LCSB.
+# Memory-efficient backprop baselines (arXiv 2506.21833): LCSB (MeSP is a model build option).
 # --------------------------------------------------------------------------------------------
-
-
-def backprop_layer_remat(trace_context: Callable[[], Any]) -> Estimator:
-    """MeBP: backprop with one activation checkpoint per transformer layer.
-
-    The loss is traced inside ``trace_context()`` -- the models' switch
-    (``spry_jax.models.layers.layer_remat``) that runs each layer body under ``jax.checkpoint``:
-    the forward pass keeps only the hidden state entering each layer, and the backward pass
-    recomputes one layer's internals at a time, so peak activation memory is the layer
-    boundaries plus one layer's intermediates. The gradient is the plain backprop gradient.
-    (``backprop(remat=True)``, which checkpoints the whole loss, saves nothing in the forward
-    pass but then holds every layer's intermediates at once during the backward pass.) The
-    methods table adds the models' ``lazy_dequant`` switch, as for every backprop row: on a
-    quantised base the backward pass dequantises each kernel again from its int codes, MeBP's
-    lazy weight decompression (arXiv 2510.03425), so no float copy of a kernel is stored.
-    """
-    return _backprop_traced_in(trace_context)
-
-
-def _backprop_traced_in(trace_context: Callable[[], Any]) -> Estimator:
-    def estimate(
-        f: LossClosure,
-        params: Trainable,
-        mask: Trainable,
-        key: Array,
-        inputs: EstimatorInputs = NO_INPUTS,
-    ) -> Estimate:
-        del key, inputs
-        with trace_context():
-            loss, grad = jax.value_and_grad(f)(params)
-        return Estimate(loss, _mask_tree(grad, mask), jnp.zeros((0,), jnp.float32))
-
-    return estimate
-
-
-def backprop_mesp(trace_context: Callable[[], Any]) -> Estimator:
-    """MeSP: backprop that recomputes the LoRA intermediate ``h = xA`` in the backward pass.
-
-    The loss is traced inside ``trace_context()`` -- the models' switch
-    (``spry_jax.models.layers.lora_recompute``) that runs each LoRA branch ``(xA)B`` under
-    ``jax.checkpoint``: backprop keeps ``x``, ``A`` and ``B`` and recomputes ``xA``
-    (``[batch, seq, r]`` per adapted projection) instead of storing it. The gradient is the
-    plain backprop gradient. (A ``checkpoint_name`` policy on the whole loss cannot do this:
-    the unnamed matmul producing ``xA`` would still be saved.)
-    """
-    return _backprop_traced_in(trace_context)
 
 
 def layer_index(leaf_key: str) -> int | None:
@@ -359,9 +316,7 @@ def lcsb_blocks(keys: list[str] | tuple[str, ...], layers_per_step: int) -> list
     return [[k for k in keys if layer_index(k) in set(g)] + always for g in groups]
 
 
-def lcsb(
-    layers_per_step: int = 1, trace_context: Callable[[], Any] = contextlib.nullcontext
-) -> Estimator:
+def lcsb(layers_per_step: int = 1) -> Estimator:
     """LCSB: layer-cyclic selective backprop (block coordinate descent on the PEFT weights).
 
     At global local step ``s`` (``round * steps_per_round + step``, so the cycle continues
@@ -374,7 +329,6 @@ def lcsb(
 
     Args:
       layers_per_step: layers per block (``lcsb.layers_per_step``).
-      trace_context: the loss is traced inside ``trace_context()`` (as for :func:`backprop`).
     """
     if layers_per_step < 1:
         raise ValueError(f"lcsb.layers_per_step must be >= 1, got {layers_per_step}")
@@ -401,8 +355,7 @@ def lcsb(
             return run
 
         index = jnp.asarray(inputs.step, jnp.int32) % len(blocks)
-        with trace_context():
-            loss, grad = jax.lax.switch(index, [branch(b) for b in blocks], params)
+        loss, grad = jax.lax.switch(index, [branch(b) for b in blocks], params)
         # Row b: which leaves block b covers (the head is in every block).
         table = jnp.asarray([[k in b for k in keys] for b in blocks])
         estimated = {k: table[index, i] for i, k in enumerate(keys)}

@@ -3,13 +3,16 @@
 Public API::
 
     from_pretrained(name_or_path, task=..., num_labels=..., dtype=..., quant=..., peft=...)
-    make_split_model(model_cfg, peft_cfg, task=..., num_labels=..., seed=...) -> SplitModel
+    make_split_model(model_cfg, peft_cfg, task=..., num_labels=..., seed=...,
+                     remat="none" | "layer" | "lora", lazy_dequant=False) -> SplitModel
+    set_build_options(model, remat=..., lazy_dequant=...)   # the same options on a built model
     split_model(model, peft_cfg) -> SplitModel
     abstract_model(name, ...)      # shapes only, from the registry (no hub, no memory)
     load_tokenizer(name_or_path)
     apply_peft(model, peft_cfg), PeftConfig, trainable_paths(model, peft_cfg)
 """
 
+from spry_jax.models.layers import REMAT_MODES, set_build_options
 from spry_jax.models.loading import (
     HubUnavailableError,
     abstract_model,
@@ -35,6 +38,7 @@ __all__ = [
     "ARCHITECTURES",
     "METHODS",
     "MODELS",
+    "REMAT_MODES",
     "TASKS",
     "HubUnavailableError",
     "PeftConfig",
@@ -48,6 +52,7 @@ __all__ = [
     "load_weights",
     "make_split_model",
     "resolve",
+    "set_build_options",
     "split_model",
     "trainable_paths",
 ]

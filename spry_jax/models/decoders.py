@@ -203,6 +203,8 @@ class OPTDecoder(nnx.Module):
             if proj_dim != d
             else None
         )
+        # Build option (layers.set_build_options): a jax.checkpoint per decoder layer.
+        self.layer_remat = False
 
     def __call__(self, input_ids: Array, attention_mask: Array, dropout_rng: Array | None) -> Array:
         mask_i = attention_mask.astype(jnp.int32)
@@ -215,7 +217,9 @@ class OPTDecoder(nnx.Module):
         mask = layers.make_attention_mask(attention_mask, causal=True)
         for i, layer in enumerate(self.layers):
             r = layers.fold_rng(dropout_rng, i)
-            x = layers.maybe_remat(functools.partial(layer, mask=mask, dropout_rng=r))(x)
+            x = layers.maybe_remat(
+                functools.partial(layer, mask=mask, dropout_rng=r), self.layer_remat
+            )(x)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
@@ -386,6 +390,8 @@ class LlamaModel(nnx.Module):
         head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
         # A static constant (not a state leaf): derived from the config, never trained.
         self.inv_freq = tuple(float(f) for f in rope_inv_freq(config, head_dim))
+        # Build option (layers.set_build_options): a jax.checkpoint per decoder layer.
+        self.layer_remat = False
 
     def __call__(
         self, input_ids: Array, attention_mask: Array, dropout_rng: Array | None = None
@@ -402,7 +408,7 @@ class LlamaModel(nnx.Module):
         for i, layer in enumerate(self.layers):
             r = layers.fold_rng(dropout_rng, i)
             body = functools.partial(layer, cos=cos, sin=sin, mask=mask, dropout_rng=r)
-            x = layers.maybe_remat(body)(x)
+            x = layers.maybe_remat(body, self.layer_remat)(x)
         return self.norm(x)
 
 

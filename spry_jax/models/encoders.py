@@ -106,6 +106,8 @@ class EncoderBase(nnx.Module):
         self.num_labels = int(num_labels)
         self.pooling = heads.check_pooling(pooling)
         self.dtype = jnp.dtype(dtype)
+        # Build option (layers.set_build_options): a jax.checkpoint per transformer layer.
+        self.layer_remat = False
 
     @property
     def head_prefixes(self) -> tuple[str, ...]:
@@ -314,9 +316,8 @@ class BertModel(EncoderBase):
         mask = make_attention_mask(attention_mask)
         act = activation(self.act)
         for i, layer in enumerate(self.encoder.layer):
-            x = maybe_remat(functools.partial(self._layer, layer, mask, act, fold_rng(rng, i + 1)))(
-                x
-            )
+            body = functools.partial(self._layer, layer, mask, act, fold_rng(rng, i + 1))
+            x = maybe_remat(body, self.layer_remat)(x)
         return x
 
     def _layer(self, layer, mask: Array, act, r: Array | None, x: Array) -> Array:
@@ -484,9 +485,8 @@ class DistilBertModel(EncoderBase):
         mask = make_attention_mask(attention_mask)
         act = activation(self.act)
         for i, layer in enumerate(self.transformer.layer):
-            x = maybe_remat(functools.partial(self._layer, layer, mask, act, fold_rng(rng, i + 1)))(
-                x
-            )
+            body = functools.partial(self._layer, layer, mask, act, fold_rng(rng, i + 1))
+            x = maybe_remat(body, self.layer_remat)(x)
         return x
 
     def _layer(self, layer, mask: Array, act, r: Array | None, x: Array) -> Array:
@@ -634,7 +634,7 @@ class AlbertModel(EncoderBase):
             for layer in group.albert_layers:
                 step += 1
                 body = functools.partial(self._layer, layer, mask, act, fold_rng(rng, step + 1))
-                x = maybe_remat(body)(x)
+                x = maybe_remat(body, self.layer_remat)(x)
         return x
 
     def _layer(self, layer, mask: Array, act, r: Array | None, x: Array) -> Array:

@@ -11,8 +11,14 @@ Conventions (both the encoders and the decoders follow them):
   ``None`` means deterministic. Callers derive per-layer keys with ``jax.random.fold_in``.
 * Computation runs in the activation dtype (the dtype of ``x``); norms and softmax in float32.
 * Everything is jvp-safe: no custom kernels, only XLA ops. The one exception is
-  :func:`quantized_matmul` (a ``custom_vjp``), used only while :func:`lazy_dequant` is set,
-  which the backprop estimators do and forward-mode never does.
+  :func:`quantized_matmul` (a ``custom_vjp``), used only by a model built with the
+  ``lazy_dequant`` option, which the backprop rows of :mod:`spry_jax.methods` ask for and the
+  forward-mode rows never do.
+* How reverse mode is traced is a build option, never a global: :func:`set_build_options`
+  (``make_split_model(..., remat=..., lazy_dequant=...)``) sets static attributes on the
+  layers -- ``remat="layer"`` (a ``jax.checkpoint`` per transformer layer, MeBP),
+  ``remat="lora"`` (LoRA's ``xA`` recomputed, MeSP), ``lazy_dequant`` -- so one model's
+  traced program is decided by how it was built, not by what is set while tracing.
 * Every layer class declares the order of its variables in ``VARIABLE_ORDER`` (torch's
   ``weight`` before ``bias``, PEFT's adapters after the base weights). With each
   architecture's ``MODEL_ORDER`` (:mod:`spry_jax.models.order`) this gives the model order
@@ -21,8 +27,6 @@ Conventions (both the encoders and the decoders follow them):
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import math
 from collections.abc import Callable
@@ -39,60 +43,67 @@ Array = jax.Array
 
 _DEFAULT_INIT = jax.nn.initializers.normal(0.02)
 
-# MeSP switch (estimators.backprop_mesp): while set *during tracing*, each LoRA branch
-# (x A) B runs under jax.checkpoint, so backprop stores x, A, B and recomputes h = xA in the
-# backward pass instead of storing it. Values and gradients are unchanged; default off.
-_LORA_RECOMPUTE = contextvars.ContextVar("lora_recompute", default=False)
+REMAT_MODES = ("none", "layer", "lora")
 
 
-@contextlib.contextmanager
-def lora_recompute():
-    """Traces every LoRA branch inside this block with ``h = xA`` rematerialised (MeSP)."""
-    token = _LORA_RECOMPUTE.set(True)
-    try:
-        yield
-    finally:
-        _LORA_RECOMPUTE.reset(token)
+def check_remat(remat: str) -> str:
+    """``remat`` if it is one of :data:`REMAT_MODES`, else a ValueError naming the field."""
+    if remat not in REMAT_MODES:
+        raise ValueError(
+            f"remat={remat!r} is not a rematerialisation mode; use one of {REMAT_MODES} "
+            "('layer': a checkpoint per transformer layer, MeBP; 'lora': recompute LoRA's xA, "
+            "MeSP)."
+        )
+    return remat
 
 
-# MeBP switch (estimators.backprop_layer_remat): while set *during tracing*, every transformer
-# layer body runs under jax.checkpoint, so backprop keeps only each layer's input hidden state
-# and recomputes the layer's internals in the backward pass, one layer at a time.
-_LAYER_REMAT = contextvars.ContextVar("layer_remat", default=False)
+def maybe_remat(fn: Callable[[Array], Array], remat: bool) -> Callable[[Array], Array]:
+    """``jax.checkpoint(fn)`` (nothing inside saved) when ``remat``, else ``fn``: a layer stack
+    passes its ``layer_remat`` build option."""
+    return jax.checkpoint(fn) if remat else fn
 
 
-@contextlib.contextmanager
-def layer_remat():
-    """Traces every transformer layer inside this block rematerialised (per-layer checkpoints)."""
-    token = _LAYER_REMAT.set(True)
-    try:
-        yield
-    finally:
-        _LAYER_REMAT.reset(token)
+def set_build_options(
+    model: nnx.Module, *, remat: str = "none", lazy_dequant: bool = False
+) -> nnx.Module:
+    """Sets the build options that change how backprop through ``model`` is traced (static
+    attributes, part of the graph definition, so a later ``nnx.split`` carries them). Values
+    and gradients are the same under every option; only what reverse mode stores changes.
 
+    Args:
+      model: a built model. Every :class:`Linear` gets ``lora_recompute`` and
+        ``lazy_dequant``; every module that runs a stack of transformer layers (those with a
+        ``layer_remat`` attribute: the encoders, ``OPTDecoder``, ``LlamaModel``) gets
+        ``layer_remat``.
+      remat: ``"none"``; ``"layer"`` (MeBP's per-layer activation checkpoints): every layer
+        body runs under ``jax.checkpoint``, so backprop keeps only each layer's input hidden
+        state and recomputes one layer's internals at a time in the backward pass; ``"lora"``
+        (MeSP, arXiv 2506.21833): each LoRA branch ``(xA)B`` runs under ``jax.checkpoint``, so
+        backprop keeps ``x``, ``A`` and ``B`` and recomputes ``h = xA`` instead of storing it.
+      lazy_dequant: a quantised Linear's base matmul is :func:`quantized_matmul`, whose
+        backward pass keeps the int codes and scales and dequantises the kernel again instead
+        of keeping the float kernel as a residual (MeBP's lazy weight decompression, arXiv
+        2510.03425). It is a ``custom_vjp`` and so not jvp-safe: only for models that are
+        differentiated in reverse mode (the backprop rows of :mod:`spry_jax.methods`).
 
-def maybe_remat(fn: Callable[[Array], Array]) -> Callable[[Array], Array]:
-    """``jax.checkpoint(fn)`` (nothing inside saved) under :func:`layer_remat`, else ``fn``."""
-    return jax.checkpoint(fn) if _LAYER_REMAT.get() else fn
-
-
-# Lazy-dequantisation switch (every backprop estimator, see spry_jax.methods): while set *during
-# tracing*, a quantised Linear's base matmul is :func:`quantized_matmul`, whose backward pass
-# keeps the int codes and scales and dequantises the kernel again, instead of keeping the float
-# kernel as a residual. It is a custom_vjp and so not jvp-safe: forward-mode (Spry) traces
-# without it, and the default is off.
-_LAZY_DEQUANT = contextvars.ContextVar("lazy_dequant", default=False)
-
-
-@contextlib.contextmanager
-def lazy_dequant():
-    """Traces every quantised Linear inside this block with a lazily dequantising backward pass
-    (MeBP's lazy weight decompression, arXiv 2510.03425). Values and gradients are unchanged."""
-    token = _LAZY_DEQUANT.set(True)
-    try:
-        yield
-    finally:
-        _LAZY_DEQUANT.reset(token)
+    Returns:
+      ``model``, changed in place.
+    """
+    check_remat(remat)
+    stacks = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Linear):
+            node.lora_recompute = remat == "lora"
+            node.lazy_dequant = bool(lazy_dequant)
+        elif isinstance(node, nnx.Module) and hasattr(node, "layer_remat"):
+            node.layer_remat = remat == "layer"
+            stacks += 1
+    if remat == "layer" and not stacks:
+        raise ValueError(
+            f"remat='layer' needs a transformer layer stack; {type(model).__name__} has none "
+            "(a module with a layer_remat attribute). Use remat='none'."
+        )
+    return model
 
 
 @custom_batching.custom_vmap
@@ -291,6 +302,9 @@ class Linear(nnx.Module):
         self.lora_dropout = 0.0
         self.ia3 = nnx.data(None)
         self.ia3_on_input = False
+        # Build options (set_build_options): how reverse mode through this layer is traced.
+        self.lora_recompute = False
+        self.lazy_dequant = False
 
     def add_lora(self, rank: int, alpha: float, dropout_rate: float, key: Array) -> None:
         """Adds LoRA A ``[in, r]`` ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt 5))
@@ -372,7 +386,7 @@ class Linear(nnx.Module):
             # Act-order GPTQ: the kernel's rows are in this order (a gather of the activations,
             # O(tokens * in), instead of gathering scales and zeros per row of the kernel).
             x_in = jnp.take(x_in, self.input_perm[...], axis=-1)
-        if self.quant != "none" and _LAZY_DEQUANT.get():
+        if self.quant != "none" and self.lazy_dequant:
             zero = None if self.kernel_zero is None else self.kernel_zero[...]
             y = quantized_matmul(
                 x_in,
@@ -388,7 +402,7 @@ class Linear(nnx.Module):
             y = y + self.bias[...].astype(dt)
         if self.lora_a is not None:
             h = dropout(x, self.lora_dropout, dropout_rng).astype(jnp.float32)
-            branch = jax.checkpoint(_lora_branch) if _LORA_RECOMPUTE.get() else _lora_branch
+            branch = jax.checkpoint(_lora_branch) if self.lora_recompute else _lora_branch
             delta = branch(h, self.lora_a[...], self.lora_b[...])
             y = y + (delta * self.lora_scale).astype(dt)
         if self.ia3 is not None and not self.ia3_on_input:

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from spry_jax.models import gptq as gptq_lib
-from spry_jax.models import registry
+from spry_jax.models import layers, registry
 from spry_jax.models.layers import Linear
 from spry_jax.models.peft import (
     PeftConfig,
@@ -600,6 +600,8 @@ def make_split_model(
     task: str = "classification",
     num_labels: int = 2,
     seed: int = 0,
+    remat: str = "none",
+    lazy_dequant: bool = False,
 ) -> SplitModel:
     """Builds the model a config describes and splits it into trainable and frozen parts.
 
@@ -621,6 +623,13 @@ def make_split_model(
       task: "classification" | "qa" | "causal_lm".
       num_labels: classes for classification.
       seed: seeds random init, the head and LoRA A.
+      remat: how backprop through the model stores activations (the method row's ``remat``,
+        :func:`spry_jax.methods.model_options`): ``"none"``; ``"layer"``, a ``jax.checkpoint``
+        per transformer layer (MeBP); ``"lora"``, each LoRA ``xA`` recomputed in the backward
+        pass (MeSP). Values and gradients do not change
+        (:func:`spry_jax.models.layers.set_build_options`).
+      lazy_dequant: a quantised base is dequantised again in the backward pass instead of kept
+        in float (every backprop row); not jvp-safe, so never for forward-gradient rows.
 
     Returns:
       The :class:`spry_jax.types.SplitModel` (trainable = PEFT leaves + head, in model order).
@@ -628,6 +637,7 @@ def make_split_model(
     name = _field(model_cfg, "name", None)
     if not name:
         raise ValueError("model.name is required (a registry alias, hub id or local directory).")
+    layers.check_remat(remat)
     peft = as_peft_config(peft_cfg)
     overrides = _field(model_cfg, "overrides", {}) or {}
     if hasattr(overrides, "to_dict"):
@@ -648,4 +658,5 @@ def make_split_model(
         config = load_config(name, overrides, dropout=dropout, prefer_registry=True)
         model = build_model(config, **common, seed=seed)
         apply_peft(model, peft, seed=seed)
+    layers.set_build_options(model, remat=remat, lazy_dequant=lazy_dequant)
     return split_model(model, peft)

@@ -21,7 +21,6 @@ fail the same comparison.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
 
@@ -35,7 +34,7 @@ import transformers
 from flax import nnx
 
 from spry_jax import models
-from spry_jax.models import gptq, layers, peft, quant
+from spry_jax.models import gptq, peft, quant
 from spry_jax.models.layers import Linear
 
 VOCAB = 97
@@ -380,19 +379,23 @@ def test_gptq_base_lora_jvp_equals_grad_and_lazy_backward_is_exact(tmp_path):
     cfg = dict(method="lora", lora_rank=2, lora_alpha=4.0, lora_dropout=0.0)
     model = models.from_pretrained(tmp_path, task="classification", num_labels=3, peft=cfg)
     sm = models.split_model(model, cfg)
+    # The same weights built with the backprop rows' lazy dequantisation (a second split: the
+    # first one's graph keeps the plain build).
+    lazy = models.split_model(models.set_build_options(model, lazy_dequant=True), cfg)
     ids, mask = (jnp.asarray(a) for a in _batch())
     rng = np.random.default_rng(0)
     w = {k: jnp.asarray(rng.normal(size=v.shape) * 0.3, v.dtype) for k, v in sm.trainable.items()}
     v = {k: jnp.asarray(rng.normal(size=x.shape), x.dtype) for k, x in w.items()}
 
-    def loss(t):
-        return jnp.sum(jnp.sin(sm.apply_fn(t, sm.frozen, ids, mask)))
+    def loss_of(split):
+        return lambda t: jnp.sum(jnp.sin(split.apply_fn(t, split.frozen, ids, mask)))
 
+    loss = loss_of(sm)
     tangent = jax.jit(lambda w, v: jax.jvp(loss, (w,), (v,))[1])(w, v)
-    grads = {}
-    for name, ctx in (("plain", contextlib.nullcontext), ("lazy", layers.lazy_dequant)):
-        with ctx():
-            grads[name] = jax.jit(jax.grad(loss))(w)
+    grads = {name: jax.jit(jax.grad(loss_of(s)))(w) for name, s in (("plain", sm), ("lazy", lazy))}
+    # Only the lazy build traces the base matmuls as the custom_vjp quantized_matmul.
+    assert "custom_vjp" in str(jax.make_jaxpr(jax.grad(loss_of(lazy)))(w))
+    assert "custom_vjp" not in str(jax.make_jaxpr(jax.grad(loss))(w))
     for k in w:
         np.testing.assert_array_equal(grads["lazy"][k], grads["plain"][k])
     dot = sum(jnp.vdot(grads["plain"][k], v[k]) for k in w)

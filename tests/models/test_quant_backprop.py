@@ -1,12 +1,11 @@
-"""Lazy dequantisation in the backward pass (``layers.lazy_dequant``, ``quantized_matmul``):
-the same values and gradients as plain backprop and as ``jax.grad`` on the float-dequantised
-kernel, under vmap too; every backprop row of the methods table uses it and forward mode
-never does. (Its memory effect is checked in tests/core/test_client_memory.py.)
+"""Lazy dequantisation in the backward pass (the ``lazy_dequant`` build option,
+``layers.set_build_options``, ``quantized_matmul``): the same values and gradients as plain
+backprop and as ``jax.grad`` on the float-dequantised kernel, under vmap too; every backprop
+row of the methods table builds its model with it and no forward row does. (Its memory effect
+is checked in tests/core/test_client_memory.py.)
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -40,16 +39,20 @@ def _float_twin(lin: layers.Linear) -> layers.Linear:
     return twin
 
 
-def _loss_and_grads(lin: layers.Linear, x: jax.Array, ctx) -> tuple:
-    """Loss and gradients w.r.t. the input and the LoRA leaves, traced inside ``ctx()``."""
+def _lazy(lin: layers.Linear) -> layers.Linear:
+    """``lin`` built with the ``lazy_dequant`` option."""
+    return layers.set_build_options(lin, lazy_dequant=True)
+
+
+def _loss_and_grads(lin: layers.Linear, x: jax.Array) -> tuple:
+    """Loss and gradients w.r.t. the input and the LoRA leaves, as ``lin`` was built."""
     graphdef, lora, rest = nnx.split(lin, nnx.LoRAParam, ...)
 
     def f(x, lora):
         # Two layers deep in x, so the input cotangent of the base matmul matters.
         return jnp.sum(jnp.sin(nnx.merge(graphdef, lora, rest)(jnp.tanh(x))) ** 2)
 
-    with ctx():
-        loss, (gx, glora) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, lora)
+    loss, (gx, glora) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, lora)
     return loss, [gx, *jax.tree.leaves(glora)]
 
 
@@ -57,9 +60,9 @@ def _loss_and_grads(lin: layers.Linear, x: jax.Array, ctx) -> tuple:
 def test_lazy_backward_gradient_is_backprop(mode):
     lin = _linear(mode)
     x = jax.random.normal(jax.random.PRNGKey(5), (3, 7, 256))
-    want_loss, want = _loss_and_grads(lin, x, contextlib.nullcontext)
-    got_loss, got = _loss_and_grads(lin, x, layers.lazy_dequant)
-    float_loss, float_grads = _loss_and_grads(_float_twin(lin), x, contextlib.nullcontext)
+    want_loss, want = _loss_and_grads(lin, x)
+    got_loss, got = _loss_and_grads(_lazy(_linear(mode)), x)
+    float_loss, float_grads = _loss_and_grads(_float_twin(lin), x)
     np.testing.assert_array_equal(got_loss, want_loss)
     np.testing.assert_allclose(got_loss, float_loss, rtol=1e-6)
     for g, w, fl in zip(got, want, float_grads, strict=True):
@@ -72,16 +75,15 @@ def test_lazy_backward_gradient_is_backprop(mode):
 def test_lazy_backward_under_vmap_matches_and_keeps_the_kernel_unbatched():
     """Clients are vmapped in a round: the gradient per client is the plain one, and the
     backward dequantisation is not batched (one kernel, not one per client)."""
-    lin = _linear("int4")
+    lin, lazy = _linear("int4"), _lazy(_linear("int4"))
     xs = jax.random.normal(jax.random.PRNGKey(6), (4, 5, 256))
 
-    def grad_x(x):
-        return jax.grad(lambda x: jnp.sum(jnp.sin(lin(x)) ** 2))(x)
+    def grad_x(layer):
+        return lambda x: jax.grad(lambda x: jnp.sum(jnp.sin(layer(x)) ** 2))(x)
 
-    want = jax.vmap(grad_x)(xs)
-    with layers.lazy_dequant():
-        got = jax.vmap(grad_x)(xs)
-        jaxpr = jax.make_jaxpr(jax.vmap(grad_x))(xs)
+    want = jax.vmap(grad_x(lin))(xs)
+    got = jax.vmap(grad_x(lazy))(xs)
+    jaxpr = jax.make_jaxpr(jax.vmap(grad_x(lazy)))(xs)
     np.testing.assert_array_equal(got, want)
     kernels = [
         v.aval.shape
@@ -106,14 +108,14 @@ def _prims(fn, *args) -> set[str]:
     return {e.primitive.name for e in _all_eqns(jax.make_jaxpr(fn)(*args).jaxpr)}
 
 
-def test_switch_is_off_by_default_and_forward_mode_still_works():
+def test_lazy_dequant_is_off_by_default_and_forward_mode_still_works():
     lin = _linear("int4")
     x = jnp.ones((2, 256))
     assert "custom_vjp_call" not in str(_prims(lambda x: lin(x), x))
-    with layers.lazy_dequant():
-        assert any("custom_vjp" in p for p in _prims(lambda x: lin(x), x))
+    lazy = _lazy(_linear("int4"))
+    assert any("custom_vjp" in p for p in _prims(lambda x: lazy(x), x))
     assert not any("custom_vjp" in p for p in _prims(lambda x: lin(x), x))
-    # Outside the switch jvp goes through the quantised layer (Spry's path).
+    # Without the option jvp goes through the quantised layer (Spry's path).
     y, ty = jax.jvp(lambda x: lin(x), (x,), (jnp.ones_like(x),))
     twin = _float_twin(lin)
     want_y, want_ty = jax.jvp(lambda x: twin(x), (x,), (jnp.ones_like(x),))
@@ -121,7 +123,9 @@ def test_switch_is_off_by_default_and_forward_mode_still_works():
     np.testing.assert_allclose(ty, want_ty, rtol=1e-5, atol=1e-6)
 
 
-def _tiny_int4_llama():
+def _tiny_int4_llama(method: str | None = None):
+    """A tiny int4 Llama built plainly, or with ``method``'s build options, its loss closure
+    and perturbed trainable leaves (the same weights and loss for every build)."""
     mc = dict(
         name="llama2-7b",
         pretrained=False,
@@ -139,7 +143,8 @@ def _tiny_int4_llama():
         ),
     )
     pc = dict(method="lora", lora_rank=1, lora_alpha=1.0, lora_dropout=0.1, target_modules=[])
-    m = models.make_split_model(mc, pc, task="classification", num_labels=2, seed=0)
+    opts = methods.model_options(method) if method else {}
+    m = models.make_split_model(mc, pc, task="classification", num_labels=2, seed=0, **opts)
     params = {
         k: v + 0.05 * jax.random.normal(jax.random.PRNGKey(i), v.shape, v.dtype)
         for i, (k, v) in enumerate(sorted(m.trainable.items()))
@@ -156,33 +161,38 @@ def _tiny_int4_llama():
     return (lambda p: loss_fn(p, m.frozen, batch, key)), params
 
 
-BACKPROP_ESTIMATORS = ("backprop", "backprop_remat", "backprop_mesp", "lcsb")
+BACKPROP_ESTIMATORS = ("backprop", "lcsb")
 BACKPROP_ROWS = sorted(n for n, r in methods.METHODS.items() if r.estimator in BACKPROP_ESTIMATORS)
 
 
-def _estimate_fn(method: str, f, params):
+def _estimate_fn(method: str):
+    """``method``'s estimator over the tiny int4 Llama built with the row's options."""
+    f, params = _tiny_int4_llama(method)
     cfg = default_config()
     cfg.method = method
     est = methods.build_round_parts(cfg).estimator
     mask = {k: jnp.float32(1) for k in params}
     inputs = E.EstimatorInputs(step=jnp.int32(0))
-    return lambda p: est(f, p, mask, jax.random.PRNGKey(0), inputs)
+    return (lambda p: est(f, p, mask, jax.random.PRNGKey(0), inputs)), params
 
 
 def test_every_backprop_row_dequantises_lazily():
-    """Each backprop row's estimator traces the quantised matmuls as ``quantized_matmul``."""
-    f, params = _tiny_int4_llama()
+    """Each backprop row's estimator, over its row's build, traces the quantised matmuls as
+    ``quantized_matmul``."""
     assert {"fedavg", "fedavg_remat", "fedavg_mesp", "fedavg_lcsb"} <= set(BACKPROP_ROWS)
     for method in BACKPROP_ROWS:
-        assert any("custom_vjp" in p for p in _prims(_estimate_fn(method, f, params), params))
+        assert methods.model_options(method)["lazy_dequant"], method
+        fn, params = _estimate_fn(method)
+        assert any("custom_vjp" in p for p in _prims(fn, params)), method
 
 
 @pytest.mark.parametrize("method", ["fedavg", "fedavg_remat", "fedavg_mesp", "fedavg_lcsb"])
 def test_backprop_estimators_keep_the_plain_gradient(method):
-    """FedAvg, MeBP, MeSP and LCSB (one row per backprop estimator) on a tiny int4 Llama
-    return plain ``value_and_grad``'s loss and gradient."""
-    f, params = _tiny_int4_llama()
-    out = jax.jit(_estimate_fn(method, f, params))(params)
+    """FedAvg, MeBP, MeSP and LCSB (each over its row's build) on a tiny int4 Llama return
+    plain ``value_and_grad``'s loss and gradient through the plain build."""
+    fn, params = _estimate_fn(method)
+    f, _ = _tiny_int4_llama()
+    out = jax.jit(fn)(params)
     loss, grad = jax.jit(jax.value_and_grad(f))(params)
     np.testing.assert_allclose(out.loss, loss, rtol=1e-6)
     estimated = [k for k in params if np.any(np.asarray(out.grad[k]) != 0)]
@@ -192,9 +202,13 @@ def test_backprop_estimators_keep_the_plain_gradient(method):
 
 
 def test_forward_rows_never_take_the_lazy_path():
-    f, params = _tiny_int4_llama()
+    # Forward and zero-order rows differentiate nothing in reverse mode: no lazy build.
+    for method in sorted(set(methods.METHODS) - set(BACKPROP_ROWS)):
+        assert not methods.model_options(method)["lazy_dequant"], method
     for method in ("spry", "fedfgd"):
-        prims = _prims(_estimate_fn(method, f, params), params)
+        assert methods.model_options(method) == {"remat": "none", "lazy_dequant": False}
+        fn, params = _estimate_fn(method)
+        prims = _prims(fn, params)
         assert not any("custom_vjp" in p for p in prims), method
 
 
