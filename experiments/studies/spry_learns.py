@@ -33,8 +33,47 @@ the paired difference over seeds excluding 0.
 
 from spry_jax.study import Arm, Claim, Study
 
+# The learning rates the 20-round study chose on validation (seed 1), for the ``long`` variant.
+CHOSEN_LR = {"spry_exact": 4e-3, "head_exact": 6e-3, "fedavg": 1e-3}
 
-def get_study():
+
+def get_study(variant: str = ""):
+    """``""``: the floor study (20 rounds, tuned, 3 seeds). ``long``: the same three arms at
+    their chosen learning rates, seed 1 only, continued to 60 rounds with every checkpoint
+    kept -- the learning curves the floor's budget is extrapolated from. Its cells start
+    from copies of the 20-round study's seed-1 cells (resuming is bit-identical: the server
+    schedule is constant, so ``rounds`` is not part of a run's identity), e.g.::
+
+        for a in spry_exact:0.004 head_exact:0.006 fedavg:0.001; do
+          d=client.lr=${a#*:}; mkdir -p runs/long/tune/${a%:*}/$d
+          cp -r runs/spry_learns/tune/${a%:*}/$d/seed1 runs/long/tune/${a%:*}/$d/
+          rm runs/long/tune/${a%:*}/$d/seed1/summary.json   # then set "rounds": 60 in config.json
+        done
+        python -m spry_jax.study --study=experiments/studies/spry_learns.py:long --workdir=runs/long
+    """
+    study = _floor_study()
+    if variant == "":
+        return study
+    if variant != "long":
+        raise ValueError(f"unknown spry_learns variant {variant!r}; choose '' or 'long'")
+    arms = {
+        name: Arm(arm.overrides, grid={"client.lr": [CHOSEN_LR[name]]})
+        for name, arm in study.arms.items()
+    }
+    return Study(
+        base=study.base,
+        overrides={**study.overrides, "keep_checkpoints": 100},
+        arms=arms,
+        tune_seeds=(1,),
+        seeds=(1,),
+        rounds=60,
+        pairs=study.pairs,
+        claims=study.claims,
+        name="spry_learns:long",
+    )
+
+
+def _floor_study():
     return Study(
         base="experiments/quickstart.py",
         overrides={
