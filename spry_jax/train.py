@@ -524,7 +524,7 @@ def check_round_memory(
     )
     knobs = (
         f"lower client.batch_size ({c.client.batch_size}), data.max_length "
-        f"({c.data.get('max_length')}) or clients_per_round ({c.clients_per_round}), or run "
+        f"({c.data.max_length}) or clients_per_round ({c.clients_per_round}), or run "
         "clients one at a time (round.backend=loop)"
     )
     if est["round_bytes"] > available:
@@ -748,7 +748,7 @@ def _run_rounds(
     # TensorBoard step r of an eval scalar is the model after r rounds, so the final model is r=R.
     board.write({"round": done, **final})
     logging.info("final model, after %d rounds: %s", done, metrics_lib.brief(final))
-    if config.data.get("val_fraction", 0.0) > 0 and config.rounds > 0:
+    if config.data.val_fraction > 0 and config.rounds > 0:
         val = evaluate_all_clients(exp, state.params, frozen, split="val")
         final.update(val)
         board.write({"round": done, **val})

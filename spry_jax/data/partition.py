@@ -264,6 +264,10 @@ def label_entropy(labels: np.ndarray, parts: Sequence[np.ndarray]) -> np.ndarray
     return np.array(out)
 
 
+# The names ``data.partition`` accepts (:func:`partition`).
+PARTITIONS = ("dirichlet", "group_dirichlet", "natural", "iid")
+
+
 def partition(
     method: str,
     *,
@@ -287,6 +291,4 @@ def partition(
         if method == "group_dirichlet":
             return group_dirichlet_partition(groups, num_clients, alpha, seed)
         return natural_partition(groups, num_clients, seed)
-    raise DataError(
-        f"unknown data.partition {method!r}; use 'dirichlet', 'group_dirichlet', 'natural' or 'iid'"
-    )
+    raise DataError(f"data.partition={method!r} is unknown; choose one of {PARTITIONS}.")
