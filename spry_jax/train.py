@@ -286,7 +286,8 @@ def run_round(
       ``state.round`` rounds; ``eval/model_after_rounds`` says so): ``eval/generalized_*`` of
       that model on the round's sampled clients' local test splits, ``eval/personalized_*`` of
       each of those clients' models after its local training in this round, example-weighted
-      (REFERENCE.md §2 "Evaluation"). Classification in the round program; QA (SQuAD v2 exact
+      (the paper's generalized and personalized accuracy: Panchal et al., NeurIPS 2024, arXiv
+      2405.15551, evaluation setup). Classification in the round program; QA (SQuAD v2 exact
       match / F1) on the host, the personalized figures from the round's per-client deltas.
     """
     r = int(state.round)

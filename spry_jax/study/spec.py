@@ -56,7 +56,7 @@ class Claim:
     their paired difference over seeds (:func:`spry_jax.study.stats.verdict`).
 
     Attributes:
-      text: what the report prints, e.g. "FedFGD < Spry (REFERENCE.md §4)".
+      text: what the report prints, e.g. "FedFGD < Spry (Spry paper, ablations)".
       lhs, rhs: arm names.
       op: ``"<"`` or ``">"``.
       margin: the claim is ``lhs - rhs op margin`` (e.g. ``">", 0.02``: lhs beats rhs by more
