@@ -424,8 +424,9 @@ CLI_TYPES = (bool, int, float, str, tuple)
 def register_cli_parsers() -> None:
     """Makes every type :func:`default_config` declares settable with ``--config.KEY=VALUE``:
     ml_collections parses bool, int, float, str and tuple fields (a tuple as ``"('a', 'b')"``
-    or ``a,b``), but not dict-typed fields, nor None for a float placeholder. Called when this
-    module is imported, so ``spry_jax.main`` and ``spry_jax.study`` parse with it."""
+    or the flag once per element), but not dict-typed fields, nor None for a float
+    placeholder. Called when this module is imported, so ``spry_jax.main`` and
+    ``spry_jax.study`` parse with it."""
     config_flags.register_flag_parser_for_type(float, _FloatOrNoneParser())
     config_flags.register_flag_parser_for_type(dict, _DictParser())
 
