@@ -25,14 +25,13 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags
 
 from spry_jax import checkpoint as ckpt_lib
+from spry_jax import config as config_lib
 from spry_jax import data as data_lib
 from spry_jax import train
-from spry_jax.config import default_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "run directory with config.json", required=True)
@@ -56,10 +55,8 @@ def group_of(key: str, head_keys: tuple[str, ...]) -> str:
 def main(argv):
     del argv
     with open(os.path.join(FLAGS.workdir, "config.json")) as f:
-        saved = ml_collections.ConfigDict(json.load(f))
-    # Over today's defaults, so a run written before a field was added still rebuilds.
-    config = default_config()
-    config.update(saved)
+        # Over today's defaults, so a run written before a field was added still rebuilds.
+        config = config_lib.complete(json.load(f))
     exp = train.build_experiment(config)
     params = exp.model.trainable
     if FLAGS.step is not None:

@@ -17,9 +17,8 @@ import argparse
 import json
 import os
 
-import ml_collections
-
 from spry_jax import checkpoint as ckpt_lib
+from spry_jax import config as config_lib
 from spry_jax import metrics as metrics_lib
 from spry_jax import train
 
@@ -30,7 +29,8 @@ def evaluate_checkpoints(workdir: str, steps: list[int] | None = None) -> list[d
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: --workdir must be a run directory")
     with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        # Over today's defaults, so a run written before a field was added still rebuilds.
+        config = config_lib.complete(json.load(f))
     exp = train.build_experiment(config)
     manager = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
     rows = []

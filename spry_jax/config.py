@@ -1,11 +1,21 @@
 """The default experiment config (every field, one comment each) and its validation.
 
-Experiment files in ``experiments/`` start from :func:`default_config` and change what they
-need; ``--config.KEY=VALUE`` overrides any field on the command line.
+:func:`default_config` is the single source of truth: every field the package reads is declared
+there, with its default and a comment, and nowhere else. Experiment files in ``experiments/``
+start from it and change what they need; ``--config.KEY=VALUE`` overrides any field on the
+command line (:func:`register_cli_parsers` makes every declared type settable, ``None`` and
+dicts included). Code that gets a partial config -- a library caller's ``{"name": "synthetic"}``,
+a ``config.json`` written before a field existed -- completes it with :func:`complete`, the one
+accessor, so a field left out takes its declared default and a misspelt one is refused.
+:func:`validate` holds the checks that need no data or model, each once.
+
+This module imports nothing from :mod:`spry_jax.core`; the method table and the data checks are
+imported inside :func:`validate`, which needs them.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
 import math
 import os
@@ -13,13 +23,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
-from ml_collections import config_dict
+from absl import flags
+from ml_collections import config_dict, config_flags
 
-from spry_jax.errors import ConfigError
+from spry_jax.errors import ConfigError, UserError
+from spry_jax.types import BACKENDS, COMM_MODES
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Spry's defaults as in the release (REFERENCE.md §2), on the offline MiniLM + Rotten Tomatoes."""
+    """Spry's defaults as in its release (the per-epoch client update and FedYogi server of
+    Panchal et al., "Thinking Forward: Memory-Efficient Federated Finetuning of Language
+    Models", NeurIPS 2024, arXiv 2405.15551, and github.com/Astuary/Spry), on the offline
+    MiniLM + Rotten Tomatoes assets."""
     c = ml_collections.ConfigDict()
     c.method = "spry"  # a row of spry_jax.methods.METHODS
     c.seed = 0  # every key derives from it: fold_in(round), fold_in(client), fold_in(step)
@@ -39,7 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.name = "rotten_tomatoes"  # a spry_jax.data registry name, or csv/jsonl/parquet
     c.data.partition = "dirichlet"  # "dirichlet" | "group_dirichlet" | "natural" | "iid"
     c.data.alpha = 1.0  # Dirichlet concentration (0.1 = very heterogeneous)
-    c.data.max_length = 64  # tokens per example (384 for QA)
+    c.data.max_length = 64  # tokens per example, every dataset (the QA experiment sets 384)
     c.data.test_fraction = 0.2  # each client's local test split
     c.data.val_fraction = 0.0  # share of each client's local train split held out to validate
     c.data.max_examples = 0  # 0 = all; else a deterministic subsample (CPU runs)
@@ -162,8 +177,9 @@ def paper_setting(
     num_clients: int,
     max_length: int = 64,
 ) -> ml_collections.ConfigDict:
-    """The release's common settings (REFERENCE.md §3): LoRA r = alpha = 1 on query/value,
-    AdamW 1e-4, batch 8, one local epoch, FedYogi server, 1500 rounds."""
+    """The common settings of the Spry release's run scripts (github.com/Astuary/Spry; the
+    experimental setup of Panchal et al., NeurIPS 2024, arXiv 2405.15551): LoRA r = alpha = 1
+    on query/value, AdamW 1e-4, batch 8, one local epoch, FedYogi server, 1500 rounds."""
     c.method = "spry"
     c.rounds = 1500
     c.eval_every = 50
@@ -216,8 +232,9 @@ def check_variant(variant: str, known: tuple[str, ...] = ("", "local")) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Rejects invalid values before any work, naming the field and the fix."""
     from spry_jax import methods  # local: methods imports optax/jax-heavy modules
-    from spry_jax.core import round as round_lib
-    from spry_jax.data import federated as federated_lib
+    from spry_jax.data import registry as data_registry
+
+    check_types(config)
 
     try:
         methods.get_method(config.method)
@@ -237,12 +254,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{field} must be >= 0, got {config[field]}")
     if config.keep_checkpoints < 1:
         raise ConfigError(f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
-    if config.comm_mode not in round_lib.COMM_MODES:
-        raise ConfigError(f"comm_mode={config.comm_mode!r}; choose one of {round_lib.COMM_MODES}.")
-    if config.round.backend not in round_lib.BACKENDS:
-        raise ConfigError(
-            f"round.backend={config.round.backend!r}; choose one of {round_lib.BACKENDS}."
-        )
+    if config.comm_mode not in COMM_MODES:
+        raise ConfigError(f"comm_mode={config.comm_mode!r}; choose one of {COMM_MODES}.")
+    if config.round.backend not in BACKENDS:
+        raise ConfigError(f"round.backend={config.round.backend!r}; choose one of {BACKENDS}.")
     if config.client.lr <= 0:
         raise ConfigError(f"client.lr must be > 0, got {config.client.lr}")
     if config.server.lr is not None and config.server.lr <= 0:
@@ -269,7 +284,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"split.tensors_per_unit must be >= 1, got {config.split.tensors_per_unit}"
         )
     # Data-independent data checks (alpha, fractions, ...), before anything is loaded.
-    federated_lib.check_data_config(config.data)
+    data_registry.check_data_config(config.data)
     if config.memory.budget_gib < 0 or not math.isfinite(config.memory.budget_gib):
         raise ConfigError(
             f"memory.budget_gib must be >= 0 (0 = the memory available), got "
@@ -298,6 +313,128 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _section(name: str) -> ml_collections.ConfigDict:
+    node = default_config()
+    for part in name.split(".") if name else ():
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise ValueError(f"{name!r} is not a group of config fields")
+        node = node[part]
+    return node
+
+
+def complete(
+    cfg: Any = None, section: str = "", *, error: type[UserError] = ConfigError
+) -> ml_collections.ConfigDict:
+    """``cfg`` over the declared defaults: the one way a partial config is read.
+
+    Args:
+      cfg: a ConfigDict or (nested) dict, possibly partial -- a library caller's
+        ``{"name": "synthetic"}``, or a ``config.json`` written before a field was added (a
+        field is only ever added with the default that reproduces the old behaviour). JSON
+        lists become tuples where the field is a tuple.
+      section: the group ``cfg`` describes ("" = the whole config, or e.g. "data", "peft").
+      error: the exception type raised (the data package raises its ``DataError``).
+
+    Returns:
+      A new ConfigDict holding every field of ``default_config()`` (or of its ``section``),
+      with the values ``cfg`` gives.
+
+    Raises:
+      error: a key :func:`default_config` does not declare (naming the closest declared
+        fields), or a value of the wrong type (naming the field and its type).
+    """
+    out = _section(section)
+    given = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg or {})
+    prefix = f"{section}." if section else ""
+
+    def fill(node: ml_collections.ConfigDict, over: Mapping, prefix: str) -> None:
+        for k, v in over.items():
+            key = f"{prefix}{k}"
+            if k not in node:
+                close = closest_fields(key, sorted(flatten(default_config())))
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                what = section.split(".")[0] if section else "config"
+                raise error(f"{key} is not a {what} field{hint}")
+            current = node[k]
+            if isinstance(current, ml_collections.ConfigDict):
+                if not isinstance(v, Mapping):
+                    raise error(f"{key} is a group of fields ({', '.join(current)}); got {v!r}")
+                fill(current, v, f"{key}.")
+                continue
+            if isinstance(v, list) and isinstance(current, tuple):
+                v = tuple(v)
+            try:
+                node[k] = v
+            except TypeError as e:
+                raise error(f"{key}={v!r}: {' '.join(str(e).split())}") from None
+
+    fill(out, given, prefix)
+    return out
+
+
+def check_types(config: ml_collections.ConfigDict) -> None:
+    """ConfigDict keeps each field's type but lets any field be set to None; only the fields
+    declared as placeholders (default None: ``server.lr``, ``model.overrides``) mean something
+    when unset, so None anywhere else is refused here, naming the field and its type."""
+    declared = flatten(default_config())
+    optional = sorted(k for k, v in declared.items() if v is None)
+    for key, value in flatten(config).items():
+        default = declared.get(key)
+        if value is None and default is not None:
+            raise ConfigError(
+                f"{key}=None: {key} takes a {type(default).__name__} (default {default!r}); "
+                f"only {', '.join(optional)} can be unset (None)"
+            )
+
+
+class _FloatOrNoneParser(flags.FloatParser):
+    """absl's float parser, plus ``None``: ``--config.server.lr=None`` unsets a float placeholder
+    (:func:`check_types` refuses None for the fields that are not placeholders)."""
+
+    def parse(self, argument: Any) -> float | None:
+        if argument is None or (isinstance(argument, str) and argument.strip() == "None"):
+            return None
+        return super().parse(argument)
+
+
+class _DictParser(flags.ArgumentParser):
+    """A dict-typed field (``model.overrides``) from a Python dict literal, or ``None``."""
+
+    def parse(self, argument: Any) -> dict | None:
+        if argument is None or isinstance(argument, Mapping):
+            return None if argument is None else dict(argument)
+        try:
+            value = ast.literal_eval(argument)
+        except (SyntaxError, ValueError):
+            value = argument
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(
+                f"{argument!r} is not a dict; write a Python dict literal, e.g. "
+                "\"{'num_hidden_layers': 2}\" (quoted for the shell), or None"
+            )
+        return value
+
+    def flag_type(self) -> str:
+        return "dict"
+
+
+# The field types ml_collections' --config.KEY=VALUE parses by itself.
+CLI_TYPES = (bool, int, float, str, tuple)
+
+
+def register_cli_parsers() -> None:
+    """Makes every type :func:`default_config` declares settable with ``--config.KEY=VALUE``:
+    ml_collections parses bool, int, float, str and tuple fields (a tuple as ``"('a', 'b')"``
+    or the flag once per element), but not dict-typed fields, nor None for a float
+    placeholder. Called when this module is imported, so ``spry_jax.main`` and
+    ``spry_jax.study`` parse with it."""
+    config_flags.register_flag_parser_for_type(float, _FloatOrNoneParser())
+    config_flags.register_flag_parser_for_type(dict, _DictParser())
+
+
+register_cli_parsers()
 
 
 def closest_fields(key: str, fields: list[str] | None = None, n: int = 3) -> list[str]:

@@ -19,6 +19,7 @@ import sys
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+from ml_collections.config_flags import config_flags as config_flags_lib
 
 from spry_jax import config as config_lib
 from spry_jax import multihost, reporting, train
@@ -66,6 +67,15 @@ def flag_error_line(e: Exception, argv: list[str], config_flag: str = "config") 
     """One line for a command-line error: a missing config file names the path, an unknown
     ``--config.KEY`` names the closest declared fields."""
     text = str(e)
+    if isinstance(e, config_flags_lib.UnsupportedOperationError):
+        # A field whose type ml_collections cannot parse (config_lib.register_cli_parsers adds
+        # the declared ones); its message lists the parsers, which tells the user nothing.
+        m = re.search(r"Type (.+?) of field (\S+) is not supported", text)
+        if m:
+            return (
+                f"--{m.group(2)}: a field of type {m.group(1)} cannot be set from the command "
+                "line; set it in the config file"
+            )
     if isinstance(e, (AttributeError, KeyError, flags.UnrecognizedFlagError)):
         declared = sorted(config_lib.flatten(config_lib.default_config()))
         groups = {f.rsplit(".", i)[0] for f in declared for i in range(1, f.count(".") + 1)}

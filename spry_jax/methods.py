@@ -57,7 +57,7 @@ LORA_A_MODES = ("perturb", "frozen")
 def _forward(
     cfg: Any, head_keys: tuple[str, ...] = (), trainable_keys: tuple[str, ...] = ()
 ) -> estimators.Estimator:
-    lora_a = cfg.fwd.get("lora_a", "perturb")
+    lora_a = cfg.fwd.lora_a
     if lora_a not in LORA_A_MODES:
         raise ValueError(f"fwd.lora_a must be one of {LORA_A_MODES}, got {lora_a!r}")
     frozen = tuple(k for k in trainable_keys if k.endswith("lora_a")) if lora_a == "frozen" else ()
@@ -73,7 +73,7 @@ def _forward(
         head_keys=head_keys,
         head_mode=cfg.fwd.head,
         head_tangents=cfg.fwd.head_tangents,
-        distribution=cfg.fwd.get("tangents", "gaussian"),
+        distribution=cfg.fwd.tangents,
         frozen_keys=frozen,
     )
 
@@ -259,7 +259,7 @@ def build_round_parts(
             f"fwd.head={cfg.fwd.head!r} needs comm_mode='per_epoch' (per-iteration clients send "
             "only the K jvp scalars of one joint perturbation); set fwd.head='joint'."
         )
-    if cfg.comm_mode == "per_iteration" and cfg.fwd.get("lora_a", "perturb") != "perturb":
+    if cfg.comm_mode == "per_iteration" and cfg.fwd.lora_a != "perturb":
         raise ValueError(
             f"fwd.lora_a={cfg.fwd.lora_a!r} needs comm_mode='per_epoch' (the server regenerates "
             "tangents on every leaf of a unit); set fwd.lora_a='perturb'."
@@ -267,14 +267,14 @@ def build_round_parts(
     resolved = resolved_optimizers(cfg)
     client_name, client_lr = resolved["client.optimizer"], resolved["client.lr"]
     server_name, server_lr = resolved["server.optimizer"], resolved["server.lr"]
-    round_optimizer = cfg.get("per_iteration", {}).get("server_round_optimizer", False)
+    round_optimizer = cfg.per_iteration.server_round_optimizer
     server_optimizer = server_lib.with_schedule(
         server_lib.make_server_optimizer(
             server_name, server_lr, cfg.server.b1, cfg.server.b2, cfg.server.tau
         ),
-        cfg.server.get("schedule", "constant"),
+        cfg.server.schedule,
         cfg.rounds,
-        cfg.server.get("final_fraction", 0.0),
+        cfg.server.final_fraction,
     )
     if cfg.comm_mode == "per_iteration" and not round_optimizer:
         _check_no_round_optimizer(cfg)
@@ -299,7 +299,7 @@ def build_round_parts(
         split=method.split,
         max_steps=method.max_steps,
         fwd_sigma=cfg.fwd.sigma if method.estimator == "forward" else None,
-        fwd_tangents=cfg.fwd.get("tangents", "gaussian"),
+        fwd_tangents=cfg.fwd.tangents,
         client_var_threshold=(
             float(cfg.zo.fwdllm_client_var_threshold) if method.estimator == "fwdllm" else 0.0
         ),
@@ -315,7 +315,7 @@ def _check_no_round_optimizer(cfg: Any) -> None:
         for k, v, default in (
             ("optimizer", cfg.server.optimizer, "auto"),
             ("lr", cfg.server.lr, None),
-            ("schedule", cfg.server.get("schedule", "constant"), "constant"),
+            ("schedule", cfg.server.schedule, "constant"),
         )
         if v != default
     ]

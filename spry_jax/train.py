@@ -295,7 +295,8 @@ def run_round(
       ``state.round`` rounds; ``eval/model_after_rounds`` says so): ``eval/generalized_*`` of
       that model on the round's sampled clients' local test splits, ``eval/personalized_*`` of
       each of those clients' models after its local training in this round, example-weighted
-      (REFERENCE.md §2 "Evaluation"). Classification in the round program; QA (SQuAD v2 exact
+      (the paper's generalized and personalized accuracy: Panchal et al., NeurIPS 2024, arXiv
+      2405.15551, evaluation setup). Classification in the round program; QA (SQuAD v2 exact
       match / F1) on the host, the personalized figures from the round's per-client deltas.
     """
     r = int(state.round)
@@ -539,7 +540,7 @@ def check_round_memory(
     )
     knobs = (
         f"lower client.batch_size ({c.client.batch_size}), data.max_length "
-        f"({c.data.get('max_length')}) or clients_per_round ({c.clients_per_round}), map "
+        f"({c.data.max_length}) or clients_per_round ({c.clients_per_round}), map "
         f"clients in chunks (round.client_chunk, now {c.round.client_chunk}), or run clients "
         "one at a time (round.backend=loop)"
     )
@@ -766,7 +767,7 @@ def _run_rounds(
     # TensorBoard step r of an eval scalar is the model after r rounds, so the final model is r=R.
     board.write({"round": done, **final})
     logging.info("final model, after %d rounds: %s", done, metrics_lib.brief(final))
-    if config.data.get("val_fraction", 0.0) > 0 and config.rounds > 0:
+    if config.data.val_fraction > 0 and config.rounds > 0:
         val = evaluate_all_clients(exp, state.params, frozen, split="val")
         final.update(val)
         board.write({"round": done, **val})

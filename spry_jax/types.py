@@ -85,3 +85,9 @@ BATCH_KEYS = (
     "end_positions",
     "example_mask",
 )
+
+# The round program's backends and communication modes (``round.backend``, ``comm_mode``):
+# declared here, beside the other shared vocabulary, so the config can check a name before any
+# work without importing the round program.
+BACKENDS = ("shard_map", "vmap", "loop", "debug")
+COMM_MODES = ("per_epoch", "per_iteration")

@@ -68,11 +68,23 @@ def _methods_arms():
 
 def _methods_claims():
     within = [
-        Claim(f"Spry within 6.16 points of {b} (REFERENCE.md §4)", "spry", b, ">", margin=-0.0616)
+        Claim(
+            f"Spry within 6.16 points of {b} (Spry paper, arXiv 2405.15551)",
+            "spry",
+            b,
+            ">",
+            margin=-0.0616,
+        )
         for b in ("fedavg", "fedyogi")
     ]
     above_zo = [
-        Claim(f"Spry above {z} by >= 5.2 points (REFERENCE.md §4)", "spry", z, ">", margin=0.052)
+        Claim(
+            f"Spry above {z} by >= 5.2 points (Spry paper, arXiv 2405.15551)",
+            "spry",
+            z,
+            ">",
+            margin=0.052,
+        )
         for z in ("fedmezo", "baffle_plus", "fwdllm_plus")
     ]
     return [

@@ -6,7 +6,7 @@ Paper scale (needs the Hugging Face hub, or its cache, for SST-2 and the models)
 
 SST-2 with DistilBERT-base (the release's setting) and RoBERTa-large (the paper's main table),
 10 of 100 clients per round, LoRA r = alpha = 1 on query/value, batch 8, one local epoch, the
-release's learning rate scale (REFERENCE.md §3), 10 % of each client's training data held out
+release's learning rate scale (its run scripts, github.com/Astuary/Spry), 10 % of each client's training data held out
 for validation; 300 rounds (the paper runs 1500; the curves in DIR/curves.png show where each
 method stands). Arms per model: Spry as published (joint head, K = 1), Spry with the exact head
 and K = 4 (the extension that trains the adapters on CPU, docs/spry_learns.md), head-only
@@ -44,7 +44,7 @@ def _paper_scale():
         arms[f"{short}_fedmezo"] = Arm({**m, "method": "fedmezo"}, grid={"client.lr": [1e-5, 1e-4]})
         claims += [
             Claim(
-                f"{short}: Spry within 6.16 points of FedAvg (REFERENCE.md §4)",
+                f"{short}: Spry within 6.16 points of FedAvg (Spry paper, arXiv 2405.15551)",
                 f"{short}_spry",
                 f"{short}_fedavg",
                 ">",

@@ -116,7 +116,7 @@ def _floor_study():
             ),
             Claim("Spry's LoRA adds over the head alone", "spry_exact", "head_exact", ">"),
             Claim(
-                "Spry within 6.16 points of backprop FedAvg (REFERENCE.md §4)",
+                "Spry within 6.16 points of backprop FedAvg (Spry paper, arXiv 2405.15551)",
                 "spry_exact",
                 "fedavg",
                 ">",

@@ -85,11 +85,9 @@ from spry_jax.core.client import (
     step_keys,
 )
 from spry_jax.core.estimators import Estimator, EstimatorInputs, reconstruct_gradient
-from spry_jax.types import Array, Batch, PyTree, Trainable
+from spry_jax.types import BACKENDS, COMM_MODES, Array, Batch, PyTree, Trainable
 
 CLIENT_AXIS = "clients"
-BACKENDS = ("shard_map", "vmap", "loop", "debug")
-COMM_MODES = ("per_epoch", "per_iteration")
 
 
 class ServerState(NamedTuple):

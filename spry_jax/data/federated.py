@@ -19,10 +19,7 @@ from spry_jax.data import partition as part_lib
 from spry_jax.data import qa as qa_lib
 from spry_jax.data.errors import DataError
 from spry_jax.data.registry import (
-    DEFAULT_PARTITION,
-    LOADERS,
     TextDataset,
-    dataset_names,
     load_dataset,
     resolve_data_config,
 )
@@ -100,38 +97,6 @@ def validation_split(
     return train[~moved], train[moved]
 
 
-PARTITIONS = ("dirichlet", "group_dirichlet", "natural", "iid")
-
-
-def check_data_config(data_cfg: Any) -> None:
-    """The checks of a data config that need no data (names, alpha, fractions, sizes), so a
-    mistake is reported before anything is loaded or tokenised. The one place they live:
-    ``config.validate`` calls it, and so does :func:`make_federated_data`.
-
-    Raises:
-      DataError: naming the field and the fix.
-    """
-    cfg = resolve_data_config(data_cfg)
-    if cfg.name not in LOADERS:
-        raise DataError(f"data.name={cfg.name!r} is unknown; choose one of {dataset_names()}.")
-    partition = cfg.get("partition")
-    if partition and partition not in PARTITIONS:
-        raise DataError(f"data.partition={partition!r} is unknown; choose one of {PARTITIONS}.")
-    alpha = float(cfg.alpha)
-    if not np.isfinite(alpha) or alpha <= 0:
-        raise DataError(f"data.alpha must be a positive finite number, got {cfg.alpha}")
-    for field in ("test_fraction", "val_fraction", "heldout_fraction"):
-        value = float(cfg[field])
-        if not 0.0 <= value < 1.0:
-            raise DataError(f"data.{field} must be in [0, 1), got {cfg[field]}")
-    if cfg.max_examples < 0:
-        raise DataError(f"data.max_examples must be >= 0 (0 = all), got {cfg.max_examples}")
-    if cfg.get("max_length") is not None and cfg.max_length < 1:
-        raise DataError(f"data.max_length must be >= 1, got {cfg.max_length}")
-    if cfg.heldout and cfg.name == "synthetic":
-        raise DataError("data.heldout: the synthetic dataset has no held-out split; unset it")
-
-
 def _tokenize_all(
     ds: TextDataset, tokenizer: Any, tokenizer_fp: str | None, cfg: Any
 ) -> dict[str, np.ndarray]:
@@ -142,7 +107,7 @@ def _tokenize_all(
         return arrays
     if tokenizer is None:
         raise DataError(f"dataset {ds.name!r} needs a tokenizer (only 'synthetic' runs without)")
-    max_length = int(cfg.get("max_length") or (384 if ds.task == "qa" else 64))
+    max_length = int(cfg.max_length)
     key = {
         "dataset": ds.content_hash(),
         "tokenizer": tokenizer_fp,
@@ -183,7 +148,7 @@ def make_federated_data(
 
     Args:
       data_cfg: ``name``, ``partition`` ("dirichlet" | "group_dirichlet" | "natural" | "iid";
-        default dirichlet; group_dirichlet for SQuAD v2, natural for a SQuAD-format file),
+        SQuAD v2 as in the paper: group_dirichlet; a SQuAD-format file: natural),
         ``alpha``, ``max_length``, ``test_fraction`` (0.2), ``val_fraction`` (0.0: the share of
         each client's local train split moved to its validation split,
         :func:`validation_split`),
@@ -199,8 +164,7 @@ def make_federated_data(
       The :class:`FederatedData`.
     """
     data_cfg = resolve_data_config(data_cfg)
-    check_data_config(data_cfg)
-    ds = load_dataset(data_cfg)
+    ds = load_dataset(data_cfg)  # checks data_cfg first (check_data_config)
     tokenizer_fp = None
     if ds.features is None and tokenizer is not None:
         tokenizer_fp = tokenizer_fingerprint(tokenizer)
@@ -224,7 +188,7 @@ def make_federated_data(
             f"data.heldout=True but dataset {ds.name!r} holds nothing out (no official test "
             "split, no 'test' rows); set data.heldout_fraction (e.g. 0.1) or unset data.heldout"
         )
-    method = data_cfg.get("partition") or DEFAULT_PARTITION.get(ds.name, "dirichlet")
+    method = data_cfg.partition
     alpha = float(data_cfg.alpha)
     test_fraction = float(data_cfg.test_fraction)
     parts = part_lib.partition(
@@ -266,7 +230,7 @@ def make_federated_data(
     fp = {
         "dataset": ds.content_hash(),
         "tokenizer": tokenizer_fp,
-        "max_length": data_cfg.get("max_length"),
+        "max_length": data_cfg.max_length,
         "qa_stride": data_cfg.qa_stride if ds.task == "qa" else None,
         "partition": method,
         "alpha": alpha if method in ("dirichlet", "group_dirichlet") else None,

@@ -1,11 +1,12 @@
 """Partitions of a pooled dataset over federated clients.
 
 * :func:`dirichlet_partition` -- label-Dirichlet(alpha) with exactly equal client sizes, the
-  split of the Spry release (REFERENCE.md §2), with its faults removed.
+  split of the Spry release (github.com/Astuary/Spry; the data setup of Panchal et al.,
+  NeurIPS 2024, arXiv 2405.15551), with its faults removed.
 * :func:`natural_partition` -- one client per natural group (movie, article title), groups
   merged when there are fewer clients than groups.
 * :func:`group_dirichlet_partition` -- the label-Dirichlet split with the natural group as the
-  label (SQuAD v2 by article title, REFERENCE.md §2), every example assigned; works with more
+  label (SQuAD v2 by article title, as in the Spry paper), every example assigned; works with more
   clients than groups (the paper's 500 clients over SQuAD v2's 477 titles).
 * :func:`iid_partition` -- a uniform random split into equal sizes.
 * :func:`train_test_split` -- each client's examples split into local train / test.
@@ -46,7 +47,8 @@ def dirichlet_partition(
     *,
     num_labels: int | None = None,
 ) -> list[np.ndarray]:
-    """Label-Dirichlet partition with equal client sizes (REFERENCE.md §2).
+    """Label-Dirichlet partition with equal client sizes (the Spry release's client split;
+    Panchal et al., NeurIPS 2024, arXiv 2405.15551, experimental setup).
 
     Each client ``c`` draws label proportions ``p_c ~ Dirichlet(alpha * 1_K)``. Clients are then
     filled one example at a time, in rounds: each round visits every client once, in a fresh
@@ -188,7 +190,8 @@ def group_dirichlet_partition(
 ) -> list[np.ndarray]:
     """Label-Dirichlet partition with the natural group (article title) as the label.
 
-    The paper splits SQuAD v2 "by article title instead of label" (REFERENCE.md §2): its data
+    The Spry paper (Panchal et al., NeurIPS 2024, arXiv 2405.15551, experimental setup) splits
+    SQuAD v2 "by article title instead of label": its data
     split is the label-Dirichlet with equal client sizes, so the title takes the label's place.
     That is :func:`dirichlet_partition` over the group ids: client ``c`` draws title
     proportions ``p_c ~ Dirichlet(alpha * 1_G)`` and is filled from them, so a client holds
@@ -264,6 +267,10 @@ def label_entropy(labels: np.ndarray, parts: Sequence[np.ndarray]) -> np.ndarray
     return np.array(out)
 
 
+# The names ``data.partition`` accepts (:func:`partition`).
+PARTITIONS = ("dirichlet", "group_dirichlet", "natural", "iid")
+
+
 def partition(
     method: str,
     *,
@@ -287,6 +294,4 @@ def partition(
         if method == "group_dirichlet":
             return group_dirichlet_partition(groups, num_clients, alpha, seed)
         return natural_partition(groups, num_clients, seed)
-    raise DataError(
-        f"unknown data.partition {method!r}; use 'dirichlet', 'group_dirichlet', 'natural' or 'iid'"
-    )
+    raise DataError(f"data.partition={method!r} is unknown; choose one of {PARTITIONS}.")

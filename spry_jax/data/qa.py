@@ -29,8 +29,8 @@ def prepare_qa_features(
     answers: Sequence[Mapping[str, Sequence]],
     tokenizer: Any,
     *,
-    max_length: int = 384,
-    stride: int = 128,
+    max_length: int,
+    stride: int,
 ) -> dict[str, np.ndarray]:
     """Tokenizes QA examples into features.
 
@@ -39,8 +39,9 @@ def prepare_qa_features(
       answers: per example ``{"text": [...], "answer_start": [...]}`` (empty = unanswerable);
         the first answer is the training target.
       tokenizer: a transformers fast tokenizer (or ``tokenizers.Tokenizer``): offsets needed.
-      max_length: tokens per feature.
-      stride: overlap (tokens) between consecutive windows of a long context.
+      max_length: tokens per feature (``data.max_length``).
+      stride: overlap (tokens) between consecutive windows of a long context
+        (``data.qa_stride``).
 
     Returns:
       ``input_ids``, ``attention_mask`` int32 [F, L]; ``start_positions``, ``end_positions``

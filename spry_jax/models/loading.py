@@ -585,14 +585,6 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     return tok
 
 
-def _field(cfg: Any, name: str, default: Any) -> Any:
-    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
-        value = cfg.get(name, default)
-    else:
-        value = getattr(cfg, name, default)
-    return default if value is None and default is not None else value
-
-
 def make_split_model(
     model_cfg: Any,
     peft_cfg: Any,
@@ -606,14 +598,15 @@ def make_split_model(
     """Builds the model a config describes and splits it into trainable and frozen parts.
 
     Args:
-      model_cfg: ConfigDict (or dict) with fields
+      model_cfg: ConfigDict (or dict; a field left out takes its ``default_config().model``
+        default, :func:`spry_jax.config.complete`) with fields
         ``name`` -- registry alias (``tiny-bert``, ``minilm``, ``roberta-large``, ...), hub id
         or local directory;
         ``pretrained`` -- True: load the weights; False: random init from the config alone
         (registry hyper-parameters, no hub access for registry names);
         ``dtype`` -- "float32" | "bfloat16" (frozen weights and activations);
         ``quant`` -- "none" | "int8" | "int4" (weight-only quantised frozen Linear kernels);
-        ``dropout`` -- float or None: overrides hidden and attention dropout (e.g. 0.1);
+        ``dropout`` -- overrides hidden and attention dropout (e.g. 0.1);
         ``overrides`` -- dict of HF-config overrides (e.g. to make a tiny model);
         ``pooling`` -- "default" (the family's head) | "mean" (mean over non-padding tokens,
         then a linear classifier; suits sentence-transformer checkpoints such as MiniLM).
@@ -634,23 +627,26 @@ def make_split_model(
     Returns:
       The :class:`spry_jax.types.SplitModel` (trainable = PEFT leaves + head, in model order).
     """
-    name = _field(model_cfg, "name", None)
+    from spry_jax import config as config_lib  # local: the config is a leaf of the package
+
+    model_cfg = config_lib.complete(model_cfg, "model")  # left-out fields: their declared default
+    name = model_cfg.name
     if not name:
         raise ValueError("model.name is required (a registry alias, hub id or local directory).")
     layers.check_remat(remat)
     peft = as_peft_config(peft_cfg)
-    overrides = _field(model_cfg, "overrides", {}) or {}
+    overrides = model_cfg.overrides or {}
     if hasattr(overrides, "to_dict"):
         overrides = overrides.to_dict()
     common = dict(
         task=task,
         num_labels=num_labels,
-        dtype=_field(model_cfg, "dtype", "float32"),
-        quant=_field(model_cfg, "quant", "none"),
-        pooling=_field(model_cfg, "pooling", "default"),
+        dtype=model_cfg.dtype,
+        quant=model_cfg.quant,
+        pooling=model_cfg.pooling,
     )
-    dropout = _field(model_cfg, "dropout", None)
-    if _field(model_cfg, "pretrained", True):
+    dropout = model_cfg.dropout
+    if model_cfg.pretrained:
         model = from_pretrained(
             name, **common, peft=peft, seed=seed, overrides=overrides, dropout=dropout
         )

@@ -39,9 +39,23 @@ from spry_jax.types import SplitModel
 METHODS = ("lora", "ia3", "bitfit", "head")
 
 
+def _declared(name: str) -> Any:
+    """The default of ``peft.<name>`` as :func:`spry_jax.config.default_config` declares it (the
+    one place it is declared), for the fields a caller leaves out."""
+
+    def default() -> Any:
+        from spry_jax import config as config_lib  # local: the config is a leaf of the package
+
+        return config_lib.default_config().peft[name]
+
+    return dataclasses.field(default_factory=default)
+
+
 @dataclasses.dataclass(frozen=True)
 class PeftConfig:
     """A PEFT method and its hyper-parameters.
+
+    A field left out takes its ``default_config().peft`` default.
 
     Attributes:
       method: "lora", "ia3", "bitfit" or "head".
@@ -52,11 +66,11 @@ class PeftConfig:
         family's default (LoRA: ``LORA_TARGETS``; IA3: ``IA3_TARGETS`` + ``IA3_FEEDFORWARD``).
     """
 
-    method: str = "lora"
-    lora_rank: int = 1
-    lora_alpha: float = 1.0
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ()
+    method: str = _declared("method")
+    lora_rank: int = _declared("lora_rank")
+    lora_alpha: float = _declared("lora_alpha")
+    lora_dropout: float = _declared("lora_dropout")
+    target_modules: tuple[str, ...] = _declared("target_modules")
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -56,7 +56,7 @@ class Claim:
     their paired difference over seeds (:func:`spry_jax.study.stats.verdict`).
 
     Attributes:
-      text: what the report prints, e.g. "FedFGD < Spry (REFERENCE.md §4)".
+      text: what the report prints, e.g. "FedFGD < Spry (Spry paper, ablations)".
       lhs, rhs: arm names.
       op: ``"<"`` or ``">"``.
       margin: the claim is ``lhs - rhs op margin`` (e.g. ``">", 0.02``: lhs beats rhs by more
@@ -216,7 +216,7 @@ def check_study(study: Study, default_name: str = "study") -> Study:
     for arm in arms:
         for point in grid_points(study, arm):
             cfg = cell_config(study, arm, point, study.tune_seeds[0], "tune", base=base)
-            if not cfg.data.get("val_fraction", 0.0) > 0:
+            if not cfg.data.val_fraction > 0:
                 raise StudyError(
                     f"arm {arm!r}: data.val_fraction is 0, so there is no validation split to "
                     "choose on; set it in the study's overrides (e.g. 0.1)"

@@ -146,7 +146,15 @@ def test_metrics_on_known_examples_by_hand():
 
 def test_federated_qa_splits_by_article(tiny, minilm_tokenizer, tmp_cache):
     fd = make_federated_data(
-        ConfigDict({"name": "squad_json", "path": str(SQUAD), "max_length": 48, "qa_stride": 16}),
+        ConfigDict(
+            {
+                "name": "squad_json",
+                "path": str(SQUAD),
+                "partition": "natural",
+                "max_length": 48,
+                "qa_stride": 16,
+            }
+        ),
         num_clients=2,
         tokenizer=minilm_tokenizer,
         seed=0,
