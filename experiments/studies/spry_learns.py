@@ -47,7 +47,7 @@ def get_study(variant: str = ""):
         for a in spry_exact:0.004 head_exact:0.006 fedavg:0.001; do
           d=client.lr=${a#*:}; mkdir -p runs/long/tune/${a%:*}/$d
           cp -r runs/spry_learns/tune/${a%:*}/$d/seed1 runs/long/tune/${a%:*}/$d/
-          rm runs/long/tune/${a%:*}/$d/seed1/summary.json   # then set "rounds": 60 in config.json
+          rm runs/long/tune/${a%:*}/$d/seed1/summary.json  # and in its config.json: rounds 60, keep_checkpoints 100
         done
         python -m spry_jax.study --study=experiments/studies/spry_learns.py:long --workdir=runs/long
     """
