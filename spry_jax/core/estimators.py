@@ -156,11 +156,7 @@ def backprop(remat: bool = False) -> Estimator:
     """
 
     def estimate(
-        f: LossClosure,
-        params: Trainable,
-        mask: Trainable,
-        key: Array,
-        inputs: EstimatorInputs = NO_INPUTS,
+        f: LossClosure, params, mask, key, inputs: EstimatorInputs = NO_INPUTS
     ) -> Estimate:
         del key, inputs
         fn = jax.checkpoint(f) if remat else f
@@ -241,11 +237,7 @@ def forward(
         return jax.lax.map(one, tangents)
 
     def estimate(
-        f: LossClosure,
-        params: Trainable,
-        mask: Trainable,
-        key: Array,
-        inputs: EstimatorInputs = NO_INPUTS,
+        f: LossClosure, params, mask, key, inputs: EstimatorInputs = NO_INPUTS
     ) -> Estimate:
         del inputs
         # Tangents are drawn for every leaf (leaf index in sorted key order, as the server
@@ -334,11 +326,7 @@ def lcsb(layers_per_step: int = 1) -> Estimator:
         raise ValueError(f"lcsb.layers_per_step must be >= 1, got {layers_per_step}")
 
     def estimate(
-        f: LossClosure,
-        params: Trainable,
-        mask: Trainable,
-        key: Array,
-        inputs: EstimatorInputs = NO_INPUTS,
+        f: LossClosure, params, mask, key, inputs: EstimatorInputs = NO_INPUTS
     ) -> Estimate:
         del key
         keys = sorted(params)

@@ -68,11 +68,7 @@ def spsa(num_perturbations: int = 1, eps: float = 1e-3, name: str = "zo") -> Est
         raise ValueError(f"{name} eps/sigma must be > 0, got {eps}")
 
     def estimate(
-        f: LossClosure,
-        params: Trainable,
-        mask: Trainable,
-        key: Array,
-        inputs: EstimatorInputs = NO_INPUTS,
+        f: LossClosure, params, mask, key, inputs: EstimatorInputs = NO_INPUTS
     ) -> Estimate:
         del inputs
 
@@ -193,11 +189,7 @@ def fwdllm(
         )
 
     def estimate(
-        f: LossClosure,
-        params: Trainable,
-        mask: Trainable,
-        key: Array,
-        inputs: EstimatorInputs = NO_INPUTS,
+        f: LossClosure, params, mask, key, inputs: EstimatorInputs = NO_INPUTS
     ) -> Estimate:
         guide = inputs.guide
         candidates = draw_tangents(key, params, mask, num_candidates)
