@@ -35,7 +35,14 @@ def evaluate_checkpoints(workdir: str, steps: list[int] | None = None) -> list[d
     manager = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
     rows = []
     for step in steps or manager.steps():
-        state, _ = manager.restore_latest(exp.init_state(), train._identity(exp), step=step)
+        # A run written before a config field existed restores as train does: the field at
+        # its default is the same experiment.
+        state, _ = manager.restore_latest(
+            exp.init_state(),
+            train._identity(exp),
+            step=step,
+            added_with_default=config_lib.added_with_default,
+        )
         rows.append(
             {"round": step, **train.evaluate_all_clients(exp, state.params, exp.model.frozen)}
         )

@@ -312,6 +312,14 @@ def test_eval_checkpoints_script_scores_each_saved_round(tmp_path):
     assert rows[-1] == {"round": 2, **{k: v for k, v in summary["final"].items() if "all_" in k}}
     with pytest.raises(ValueError, match="no checkpoint after 7 rounds"):
         mod.evaluate_checkpoints(str(tmp_path), [7])
+    # A run written before a field existed (here: its checkpoints record no fwd.lora_a) is
+    # still evaluated, as train resumes it: the field at its default is the same experiment.
+    for step in ("1", "2"):
+        path = tmp_path / "checkpoints" / step / "identity" / "metadata"
+        saved = json.loads(path.read_text())
+        assert saved.pop("fwd.lora_a") == "perturb"
+        path.write_text(json.dumps(saved))
+    assert mod.evaluate_checkpoints(str(tmp_path)) == rows
 
 
 def test_checkpoint_from_another_method_is_refused(tmp_path):
