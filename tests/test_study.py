@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import filelock
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -47,10 +48,25 @@ def _at_repo_root():
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, _at_repo_root):
-    """One uninterrupted run of the smoke study, shared by the tests below."""
+    """One uninterrupted run of the smoke study, shared by the tests below.
+
+    Under pytest-xdist the tests below land on several workers, and each used to run the whole
+    study (~4 min on one core): now the first worker to get here runs it once for the session
+    and every worker copies the finished tree, on which ``run_study`` runs no cell and returns
+    the results (the resume test checks that a finished study reruns nothing).
+    """
     root = str(tmp_path_factory.mktemp("study") / "smoke")
     study = load_study(SMOKE)
-    results = run_study(study, root, progress=False)
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return study, root, run_study(study, root, progress=False)
+    shared = tmp_path_factory.getbasetemp().parent / "study_smoke"  # this session's, all workers
+    with filelock.FileLock(f"{shared}.lock"):
+        if not (shared / "results.json").exists():
+            run_study(study, str(shared), progress=False)
+    shutil.copytree(shared, root)
+    ran: list[str] = []
+    results = run_study(study, root, progress=False, on_cell_done=lambda c: ran.append(c.workdir))
+    assert ran == [], ran
     return study, root, results
 
 
