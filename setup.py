@@ -38,6 +38,7 @@ setup(
             "gguf>=0.10",
             "pytest>=8",
             "pytest-xdist>=3.5",
+            "filelock>=3.12",  # xdist workers share one smoke-study run (tests/test_study.py)
             "ruff>=0.6",
             "torch==2.13.0",
             "nbclient>=0.10",
