@@ -43,9 +43,7 @@ def evaluate_checkpoints(workdir: str, steps: list[int] | None = None) -> list[d
             step=step,
             added_with_default=config_lib.added_with_default,
         )
-        rows.append(
-            {"round": step, **train.evaluate_all_clients(exp, state.params, exp.model.frozen)}
-        )
+        rows.append({"round": step, **exp.evaluator.all_clients(state.params, exp.model.frozen)})
         print(f"after {step} rounds: {metrics_lib.brief(rows[-1])}", flush=True)
     manager.close()
     return rows

@@ -39,17 +39,42 @@ def read_records(path: str) -> list[dict[str, Any]]:
     return out
 
 
+# Evaluation keys, defined once: ``eval/{scope}_{metric}`` (spry_jax.evaluation computes them).
+# Scopes -- which model is scored on which examples:
+GENERALIZED = "generalized"  # the global model, on the round's sampled clients' test splits
+PERSONALIZED = "personalized"  # each sampled client's model after its local training, own split
+ALL_CLIENTS = "all_clients"  # the global model on the union of every client's test split
+ALL_CLIENTS_VAL = "all_clients_val"  # ... of every client's validation split
+HELDOUT = "heldout"  # the global model on the dataset's global held-out set
+ROUND_SCOPES = (GENERALIZED, PERSONALIZED)
+# Metrics per task. Accuracy and loss (classification), SQuAD v2 exact match and F1 (QA, in
+# percent), the examples scored and, beside every host-scored accuracy, the majority class of
+# the same examples (the control an accuracy is read against).
+TASK_METRICS = {"classification": ("accuracy", "loss"), "qa": ("exact_match", "f1")}
+EXAMPLES = "examples"
+MAJORITY = "majority_accuracy"
+# A round's two scopes score the same examples, so a round record has one count.
+ROUND_EXAMPLES = "eval/examples"
+# Which model a round record's evaluation is of (the global model after that many rounds).
+MODEL_AFTER_ROUNDS = "eval/model_after_rounds"
+
+
+def eval_key(scope: str, metric: str) -> str:
+    """``eval/{scope}_{metric}``, e.g. ``eval_key(ALL_CLIENTS, "accuracy")``."""
+    return f"eval/{scope}_{metric}"
+
+
 def brief(record: dict[str, Any]) -> str:
     keys = (
         "train/loss",
-        "eval/generalized_accuracy",
-        "eval/personalized_accuracy",
-        "eval/generalized_exact_match",
-        "eval/generalized_f1",
-        "eval/personalized_f1",
-        "eval/all_clients_accuracy",
-        "eval/all_clients_f1",
-        "eval/all_clients_val_accuracy",
+        eval_key(GENERALIZED, "accuracy"),
+        eval_key(PERSONALIZED, "accuracy"),
+        eval_key(GENERALIZED, "exact_match"),
+        eval_key(GENERALIZED, "f1"),
+        eval_key(PERSONALIZED, "f1"),
+        eval_key(ALL_CLIENTS, "accuracy"),
+        eval_key(ALL_CLIENTS, "f1"),
+        eval_key(ALL_CLIENTS_VAL, "accuracy"),
         "time/round_s",
     )
     return " ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)

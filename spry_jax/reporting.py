@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from spry_jax import metrics as metrics_lib
+
 SCALAR_PREFIXES = ("train/", "eval/", "comm/", "time/", "memory/")
 
 
@@ -65,13 +67,13 @@ def plot_run(records: Sequence[dict[str, Any]], path: str, title: str = "") -> N
         ax.set_ylabel("loss")
         ax.legend()
         ax = axes[1, col]
-        for name in ("generalized", "personalized"):
-            key = f"eval/{name}_accuracy"
+        for scope in metrics_lib.ROUND_SCOPES:
+            key = metrics_lib.eval_key(scope, "accuracy")
             pts = [(xi, r[key]) for xi, r in zip(x, records, strict=True) if key in r]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=key)
         for name in ("exact_match", "f1"):
-            key = f"eval/generalized_{name}"
+            key = metrics_lib.eval_key(metrics_lib.GENERALIZED, name)
             pts = [(xi, r[key] / 100.0) for xi, r in zip(x, records, strict=True) if key in r]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=f"{key} / 100")
@@ -97,9 +99,10 @@ class Progress:
 
     def update(self, record: dict[str, Any]) -> None:
         shown = {"loss": record["train/loss"]}
-        for k in ("eval/generalized_accuracy", "eval/personalized_accuracy"):
+        for scope in metrics_lib.ROUND_SCOPES:
+            k = metrics_lib.eval_key(scope, "accuracy")
             if k in record:
-                shown[k.split("/")[1].split("_")[0][:3] + "_acc"] = record[k]
+                shown[scope[:3] + "_acc"] = record[k]
         self._bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
         self._bar.update(1)
 
@@ -116,18 +119,19 @@ def final_table(summary: dict[str, Any], reference: str = "") -> str:
     import json
 
     final = summary.get("final", {})
-    if "eval/all_clients_accuracy" not in final:
+    key = lambda metric: metrics_lib.eval_key(metrics_lib.ALL_CLIENTS, metric)  # noqa: E731
+    if key("accuracy") not in final:
         return ""
     rows = [
         (
             f"this run ({summary.get('method')}, {summary.get('rounds')} rounds)",
-            final["eval/all_clients_accuracy"],
+            final[key("accuracy")],
             None,
             "this run",
         ),
         (
             "majority class",
-            final.get("eval/all_clients_majority_accuracy", float("nan")),
+            final.get(key(metrics_lib.MAJORITY), float("nan")),
             None,
             "same test snippets",
         ),
@@ -137,7 +141,7 @@ def final_table(summary: dict[str, Any], reference: str = "") -> str:
             for row in json.load(f):
                 rows.append((row["label"], row["accuracy"], row.get("ci95"), row["source"]))
     width = max(len(r[0]) for r in rows)
-    n = int(final.get("eval/all_clients_examples", 0))
+    n = int(final.get(key(metrics_lib.EXAMPLES), 0))
     lines = [f"Accuracy on all clients' test splits ({n} examples):"]
     for label, acc, ci, source in rows:
         spread = f" +- {ci:.3f}" if ci is not None else "        "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -80,23 +79,3 @@ def make_loss_fn(model: SplitModel) -> Callable[[Trainable, PyTree, Batch, Array
         return task_loss(apply_batch(model, trainable, frozen, batch, dropout_rng), batch)
 
     return loss_fn
-
-
-def make_eval_fn(model: SplitModel) -> Callable[[Trainable, PyTree, Batch], dict[str, Array]]:
-    """``eval_fn(trainable, frozen, batch) -> {"correct", "count", "loss_sum"}`` (deterministic).
-
-    Classification only; QA evaluation needs n-best post-processing on the host (data.qa).
-    """
-
-    def eval_fn(trainable: Trainable, frozen: PyTree, batch: Batch) -> dict[str, Array]:
-        logits = apply_batch(model, trainable, frozen, batch, None).astype(jnp.float32)
-        m = batch["example_mask"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-        pred = jnp.argmax(logits, axis=-1)
-        return {
-            "correct": jnp.sum((pred == batch["labels"]) * m),
-            "count": jnp.sum(m),
-            "loss_sum": jnp.sum(ce * m),
-        }
-
-    return jax.jit(eval_fn)

@@ -1,7 +1,12 @@
-"""``train_and_evaluate(config, workdir)``: the one round loop.
+"""``train_and_evaluate(config, workdir)``: build -> restore -> the round loop -> write.
 
-restore -> sample clients -> pack -> round (one XLA program) -> log -> evaluate -> checkpoint,
-then the final evaluation of the final global model (:func:`evaluate_final`).
+:func:`build_experiment` (data, model, method row, the task's evaluator, the jitted round),
+:func:`restore` (the newest checkpoint of this experiment), then per round: sample clients ->
+pack -> round (one XLA program, which also sums the round's evaluation where the task allows)
+-> log -> checkpoint, then the final evaluation of the final global model
+(:func:`evaluate_final`, the evaluator's all-clients and held-out scopes) and ``summary.json``.
+Evaluation itself lives in :mod:`spry_jax.evaluation`, the memory check in
+:mod:`spry_jax.memory`.
 It never branches on dataset, model or method names: those are resolved by the data registry,
 the model registry and the algorithm table.
 """
@@ -27,7 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from spry_jax import checkpoint as ckpt_lib
-from spry_jax import comm, methods, models, multihost, reporting, tasks
+from spry_jax import comm, evaluation, methods, models, multihost, reporting, tasks
 from spry_jax import config as config_lib
 from spry_jax import data as data_lib
 from spry_jax import memory as memory_lib
@@ -49,6 +54,7 @@ class Experiment:
     round_fn: Any
     num_steps: int
     eval_steps: int
+    evaluator: evaluation.Evaluator
 
     def init_state(self) -> round_lib.ServerState:
         state = round_lib.init_server_state(
@@ -138,6 +144,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     except (OSError, ValueError) as e:  # an unknown name, missing files, a bad model value
         raise ConfigError(f"model.name={config.model.name!r}: {e}") from e
     parts = methods.build_round_parts(config, model.head_keys, tuple(model.trainable))
+    evaluator = evaluation.make_evaluator(model, fed, config.eval_batch_size)
     units = units_lib.make_units(
         model.order,
         config.split.tensors_per_unit,
@@ -169,7 +176,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         fwd_sigma=parts.fwd_sigma,
         fwd_tangents=parts.fwd_tangents,
         client_var_threshold=parts.client_var_threshold,
-        eval_fn=tasks.make_eval_fn(model) if fed.task == "classification" else None,
+        eval_fn=evaluator.batch_sums,
         per_iteration_round_optimizer=parts.per_iteration_round_optimizer,
         client_chunk=chunk,
     )
@@ -181,9 +188,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         num_steps = min([num_steps, *caps])
     max_test = max(len(t["input_ids"]) for t in fed.test)
     eval_steps = max(1, math.ceil(max_test / config.eval_batch_size))
-    return Experiment(
-        config, fed, model, spec, round_lib.make_round_fn(spec), num_steps, eval_steps
-    )
+    round_fn = round_lib.make_round_fn(spec)
+    return Experiment(config, fed, model, spec, round_fn, num_steps, eval_steps, evaluator)
 
 
 # Config fields (top-level names or groups) a resume may change: they decide what is evaluated,
@@ -296,28 +302,23 @@ def run_round(
       that model on the round's sampled clients' local test splits, ``eval/personalized_*`` of
       each of those clients' models after its local training in this round, example-weighted
       (the paper's generalized and personalized accuracy: Panchal et al., NeurIPS 2024, arXiv
-      2405.15551, evaluation setup). Classification in the round program; QA (SQuAD v2 exact
-      match / F1) on the host, the personalized figures from the round's per-client deltas.
+      2405.15551, evaluation setup), by the task's evaluator (:mod:`spry_jax.evaluation`):
+      summed inside the round program where it can be (classification), else on the host from
+      the round's per-client deltas (QA).
     """
     r = int(state.round)
     clients = exp.sample_clients(r)
     batches = exp.round_batches(r, clients)
     in_program = evaluate and exp.spec.eval_fn is not None
-    qa = evaluate and exp.fed.task == "qa"
+    # Per-client deltas only on host-evaluated rounds: num_slots copies of the trainable weights.
+    host = evaluate and not in_program
     eval_batches = exp.eval_batches(clients) if in_program else None
-    # Per-client deltas only on QA eval rounds: num_slots copies of the trainable weights.
-    new_state, m = exp.round_fn(state, frozen, batches, None, eval_batches, client_deltas=qa)
-    evaluation: dict[str, float] = {}
-    if in_program:
-        evaluation = _eval_record(m)
-    elif qa:
-        evaluation = {
-            **evaluate_qa(exp, state.params, frozen, clients),
-            **evaluate_qa(exp, state.params, frozen, clients, m["client_deltas"]),
-        }
-    if evaluation:
-        evaluation["eval/model_after_rounds"] = r
-    return new_state, m, evaluation
+    new_state, m = exp.round_fn(state, frozen, batches, None, eval_batches, client_deltas=host)
+    evaluation_record: dict[str, float] = {}
+    if evaluate:
+        evaluation_record = exp.evaluator.round(m, state.params, frozen, clients)
+        evaluation_record[metrics_lib.MODEL_AFTER_ROUNDS] = r
+    return new_state, m, evaluation_record
 
 
 def evaluate_final(exp: Experiment, state: round_lib.ServerState, frozen: Any) -> dict[str, float]:
@@ -325,237 +326,8 @@ def evaluate_final(exp: Experiment, state: round_lib.ServerState, frozen: Any) -
     (the next one, were the run extended) reports at its start -- generalized on its sampled
     clients, personalized after their local training -- computed by that round's program with
     its update discarded. So ``eval/model_after_rounds`` = the rounds run, and an extended run
-    that evaluates that round records these figures again. ``{}`` for a task without a
-    per-round evaluation (causal LM)."""
-    if exp.spec.eval_fn is None and exp.fed.task != "qa":
-        return {}
+    that evaluates that round records these figures again."""
     return run_round(exp, state, frozen, evaluate=True)[2]
-
-
-def _eval_record(metrics: dict[str, Any]) -> dict[str, float]:
-    out = {}
-    for name in ("generalized", "personalized"):
-        sums = {k: float(v) for k, v in metrics["eval"][name].items()}
-        count = max(sums["count"], 1.0)
-        out[f"eval/{name}_accuracy"] = sums["correct"] / count
-        out[f"eval/{name}_loss"] = sums["loss_sum"] / count
-    out["eval/examples"] = float(metrics["eval"]["generalized"]["count"])
-    return out
-
-
-def evaluate_all_clients(
-    exp: Experiment, params: Any, frozen: Any, split: str = "test"
-) -> dict[str, float]:
-    """The global model on the union of every client's local test split (``eval/all_clients_*``),
-    or with ``split="val"`` of every client's validation split (``eval/all_clients_val_*``).
-
-    The per-round generalized figure averages only the round's sampled clients (a few hundred
-    examples with that sample's label mix under a Dirichlet split); this is the fixed, full test
-    set, so runs and methods can be compared without that sampling noise. The validation figure
-    is what a study chooses hyper-parameters on, so that choice never sees the test split.
-    """
-    if split not in ("test", "val"):
-        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-    prefix = "eval/all_clients_" if split == "test" else "eval/all_clients_val_"
-    data = getattr(exp.fed, split)
-    clients = np.arange(exp.config.num_clients)
-    if exp.fed.task == "qa":
-        out = evaluate_qa(exp, params, frozen, clients, split=split)
-        return {
-            f"{prefix}exact_match": out["eval/generalized_exact_match"],
-            f"{prefix}f1": out["eval/generalized_f1"],
-            f"{prefix}examples": out["eval/examples"],
-        }
-    union = {k: np.concatenate([data[c][k] for c in clients]) for k in data[0]}
-    return _score_classification(exp, params, frozen, union, prefix)
-
-
-def evaluate_heldout(exp: Experiment, params: Any, frozen: Any) -> dict[str, float]:
-    """The global model on the dataset's global held-out set (``data.heldout``, or a local
-    file's split column): ``eval/heldout_*``, ``{}`` when there is none."""
-    held = exp.fed.heldout
-    if held is None:
-        return {}
-    if exp.fed.task == "qa":
-        out = evaluate_qa(exp, params, frozen, np.arange(1), tables=[held])
-        return {
-            "eval/heldout_exact_match": out["eval/generalized_exact_match"],
-            "eval/heldout_f1": out["eval/generalized_f1"],
-            "eval/heldout_examples": out["eval/examples"],
-        }
-    return _score_classification(exp, params, frozen, held, "eval/heldout_")
-
-
-def _score_classification(
-    exp: Experiment, params: Any, frozen: Any, union: dict[str, np.ndarray], prefix: str
-) -> dict[str, float]:
-    """Accuracy, loss, example count and the majority-class control of ``params`` on the
-    examples ``union`` (per-example arrays), with keys ``prefix + name``."""
-    eval_fn = tasks.make_eval_fn(exp.model)
-    packed = data_lib.pack_eval([union], batch_size=exp.config.eval_batch_size)
-    keys = ("input_ids", "attention_mask", "token_type_ids", "labels", "example_mask")
-    keys = [k for k in keys if k in packed]  # token_type_ids: text pairs only
-    sums = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
-    for step in range(packed["example_mask"].shape[1]):
-        out = eval_fn(params, frozen, {k: packed[k][0, step] for k in keys})
-        for k, v in out.items():
-            sums[k] += float(v)
-    count = max(sums["count"], 1.0)
-    # The control every accuracy stands beside: always predicting the split's commonest label.
-    labels = np.asarray(union["labels"]).reshape(-1)
-    majority = float(np.bincount(labels).max() / max(len(labels), 1)) if len(labels) else 0.0
-    return {
-        f"{prefix}accuracy": sums["correct"] / count,
-        f"{prefix}loss": sums["loss_sum"] / count,
-        f"{prefix}examples": sums["count"],
-        f"{prefix}majority_accuracy": majority,
-    }
-
-
-def evaluate_qa(
-    exp: Experiment,
-    params: Any,
-    frozen: Any,
-    clients: np.ndarray,
-    client_deltas: dict[str, Any] | None = None,
-    split: str = "test",
-    tables: list[dict[str, np.ndarray]] | None = None,
-) -> dict[str, float]:
-    """SQuAD v2 exact match / F1 (percent) on the clients' local test (or ``split="val"``:
-    validation) features, with the standard n-best post-processing (host side), over the union
-    of their examples.
-
-    Args:
-      params: the global trainable weights.
-      clients: the clients whose splits are scored.
-      client_deltas: None: score ``params`` (``eval/generalized_*``). Else
-        ``{leaf: [num_slots, ...]}`` from ``round_fn(..., client_deltas=True)`` with slot ``i``
-        = ``clients[i]``: client ``clients[i]`` is scored with its own model
-        ``params + delta[i]`` (``eval/personalized_*``).
-      split: ``"test"`` or ``"val"``.
-      tables: per client, the feature arrays to score instead of ``exp.fed``'s ``split``
-        (the held-out set: one table).
-    """
-    apply = jax.jit(lambda p, ids, m: exp.model.apply_fn(p, frozen, ids, m, None))
-    bs = exp.config.eval_batch_size
-    ds = exp.fed.dataset
-    name = "generalized" if client_deltas is None else "personalized"
-    preds: dict[int, str] = {}
-    for slot, c in enumerate(clients):
-        t = (tables if tables is not None else getattr(exp.fed, split))[c]
-        n = len(t["input_ids"])
-        if n == 0:
-            continue
-        p = params
-        if client_deltas is not None:
-            p = {k: np.asarray(params[k]) + np.asarray(client_deltas[k][slot]) for k in params}
-        logits = []
-        for i in range(0, n, bs):
-            ids, m = t["input_ids"][i : i + bs], t["attention_mask"][i : i + bs]
-            pad = bs - len(ids)
-            out = apply(p, np.pad(ids, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0))))
-            logits.append(np.asarray(out)[: len(ids)])
-        logits = np.concatenate(logits)
-        preds.update(
-            data_lib.postprocess_qa(
-                logits[..., 0], logits[..., 1], t["offsets"], t["example_index"], ds.text_pairs
-            )
-        )
-    refs = {ex: list(ds.answers[ex]["text"]) for ex in preds}
-    scores = data_lib.squad_v2_metrics(preds, refs)
-    return {
-        f"eval/{name}_exact_match": float(scores["exact"]),
-        f"eval/{name}_f1": float(scores["f1"]),
-        "eval/examples": float(len(preds)),
-    }
-
-
-def client_step_memory(exp: Experiment) -> dict[str, int | float]:
-    """XLA memory estimate and FLOP count (``flops``) of one client step of this experiment
-    (one batch); see :func:`spry_jax.memory.client_step_memory`."""
-    b = exp.config.client.batch_size
-    first = exp.fed.train[0]
-    batch = {k: jnp.asarray(np.resize(v, (b, *v.shape[1:]))) for k, v in first.items()}
-    batch["example_mask"] = jnp.ones((b,), jnp.float32)
-    return memory_lib.client_step_memory(exp.spec, exp.model.trainable, exp.model.frozen, batch)
-
-
-def clients_at_once(exp: Experiment) -> int:
-    """How many client steps the round holds in one memory at a time: every slot under
-    ``vmap``; under ``shard_map`` the slots of one device on an accelerator, all of them on the
-    CPU (whose devices share the host's memory); one for the ``loop``/``debug`` backends. With
-    ``round.client_chunk = C`` a device holds C of its slots at a time (on the CPU: C per
-    device, times the devices)."""
-    spec = exp.spec
-    if spec.backend in ("loop", "debug"):
-        return 1
-    devices = spec.mesh.shape[round_lib.CLIENT_AXIS] if spec.backend == "shard_map" else 1
-    per_device = spec.num_slots // devices
-    if spec.client_chunk:
-        per_device = min(per_device, spec.client_chunk)
-    if spec.backend == "shard_map" and jax.devices()[0].platform != "cpu":
-        return max(1, per_device)
-    return per_device * devices
-
-
-def check_round_memory(
-    exp: Experiment, step: dict[str, int | float]
-) -> dict[str, int | float | str]:
-    """Compares the round's estimated peak with the memory the process can use, before round 0.
-
-    The estimate is XLA's for one client step of this experiment (``step``, from
-    :func:`client_step_memory`), without the frozen base the clients share, times the clients
-    held at once (:func:`clients_at_once`). XLA's figure for the batched program is not exactly
-    that sum, so an estimate within 30 % of the limit only warns.
-
-    Returns:
-      The figures (``memory/round_estimate_bytes``, ``memory/available_bytes``, the source).
-
-    Raises:
-      ConfigError: the estimate exceeds the available memory (``memory.budget_gib`` if set);
-        the message has the numbers and the knobs that lower them.
-    """
-    c = exp.config
-    frozen_bytes = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(exp.model.frozen))
-    at_once = clients_at_once(exp)
-    est = memory_lib.round_memory(step, frozen_bytes, at_once)
-    if c.memory.budget_gib > 0:
-        available, source = int(c.memory.budget_gib * memory_lib.GIB), "memory.budget_gib"
-    else:
-        available, source = memory_lib.available_bytes()
-    out = {
-        "memory/round_estimate_bytes": est["round_bytes"],
-        "memory/available_bytes": available,
-        "memory/available_source": source,
-    }
-    if available is None:
-        logging.warning("memory check: the available memory cannot be read; not checked.")
-        return out
-    gib = lambda b: f"{b / memory_lib.GIB:.2f} GiB"  # noqa: E731
-    detail = (
-        f"about {gib(est['round_bytes'])} for the round ({at_once} client(s) at once x "
-        f"{gib(est['per_client_bytes'])}: XLA's peak of one client step, "
-        f"{gib(int(step['peak_bytes']))}, less the shared frozen base, {gib(frozen_bytes)}), "
-        f"against {gib(available)} available ({source})"
-    )
-    knobs = (
-        f"lower client.batch_size ({c.client.batch_size}), data.max_length "
-        f"({c.data.max_length}) or clients_per_round ({c.clients_per_round}), map "
-        f"clients in chunks (round.client_chunk, now {c.round.client_chunk}), or run clients "
-        "one at a time (round.backend=loop)"
-    )
-    if est["round_bytes"] > available:
-        raise ConfigError(
-            f"Not enough memory for this run: {detail}. To fit, {knobs}; to run anyway, "
-            "--config.memory.check=False (or set --config.memory.budget_gib)."
-        )
-    if est["round_bytes"] > 0.7 * available:
-        logging.warning(
-            "memory check: %s; it may not fit (the estimate is approximate). If it is killed, %s.",
-            detail,
-            knobs,
-        )
-    return out
 
 
 def _check_metrics_cover(path: str, start: int, directory: str) -> None:
@@ -640,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     held-out set). Rerunning the same command resumes from the last checkpoint that restores
     (refused if the experiment changed, :func:`restore`, or if ``metrics.jsonl`` lacks rounds
     it covers); the metrics of rounds after it are recomputed bit-for-bit. Everything that can
-    refuse the run (config, data, checkpoint, memory: :func:`check_round_memory`) runs before
+    refuse the run (config, data, checkpoint, memory: :func:`spry_jax.memory.check_round_memory`) runs before
     anything is written, and a run that fails before its first round leaves the workdir as it
     found it.
     """
@@ -663,9 +435,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             _check_metrics_cover(os.path.join(workdir, "metrics.jsonl"), start, ckpt_dir)
             logging.info("Resumed from the checkpoint after round %d.", start - 1)
     check = config.memory.check and start < config.rounds
-    step_memory = client_step_memory(exp) if (config.log_memory or check) else {}
+    step_memory = memory_lib.experiment_step_memory(exp) if (config.log_memory or check) else {}
     if check:
-        check_round_memory(exp, step_memory)
+        memory_lib.check_round_memory(exp, step_memory)
     memory = step_memory if config.log_memory else {}
     # Several processes: each computes every figure (the round's outputs are replicated), only
     # the primary one writes files (spry_jax.multihost); orbax checkpoints involve all of them.
@@ -761,14 +533,14 @@ def _run_rounds(
     # Every figure in summary.json's "final" is of the final global model (after all rounds).
     final = evaluate_final(exp, state, frozen)
     if config.eval_all_clients:
-        final.update(evaluate_all_clients(exp, state.params, frozen))
-    final.update(evaluate_heldout(exp, state.params, frozen))
+        final.update(exp.evaluator.all_clients(state.params, frozen))
+    final.update(exp.evaluator.heldout(state.params, frozen))
     done = int(state.round)
     # TensorBoard step r of an eval scalar is the model after r rounds, so the final model is r=R.
     board.write({"round": done, **final})
     logging.info("final model, after %d rounds: %s", done, metrics_lib.brief(final))
     if config.data.val_fraction > 0 and config.rounds > 0:
-        val = evaluate_all_clients(exp, state.params, frozen, split="val")
+        val = exp.evaluator.all_clients(state.params, frozen, split="val")
         final.update(val)
         board.write({"round": done, **val})
         logging.info("final model, after %d rounds: %s", done, metrics_lib.brief(val))

@@ -90,7 +90,7 @@ def test_an_oversized_run_is_refused_before_round_0_with_the_estimate(tmp_path):
     with pytest.raises(ConfigError, match="Not enough memory") as e:
         train.train_and_evaluate(cfg, str(workdir))
     exp = train.build_experiment(cfg)
-    step = train.client_step_memory(exp)
+    step = memory_lib.experiment_step_memory(exp)
     frozen = sum(np.asarray(x).nbytes for x in jax.tree.leaves(exp.model.frozen))
     per_client = (step["peak_bytes"] - frozen) / 2**30
     msg = str(e.value)
@@ -113,9 +113,9 @@ def test_client_chunks_lower_the_round_estimate_to_the_chunk():
     cfg = _smoke(**{"memory.budget_gib": 1e-4, "round.backend": "vmap", "round.client_chunk": 2})
     exp = train.build_experiment(cfg)
     assert exp.spec.client_chunk == 2 and exp.spec.num_slots == 4
-    assert train.clients_at_once(exp) == 2
+    assert memory_lib.clients_at_once(exp) == 2
     with pytest.raises(ConfigError, match=r"2 client\(s\) at once") as e:
-        train.check_round_memory(exp, train.client_step_memory(exp))
+        memory_lib.check_round_memory(exp, memory_lib.experiment_step_memory(exp))
     assert "round.client_chunk, now 2" in str(e.value)
 
 

@@ -211,10 +211,10 @@ def test_val_evaluation_never_touches_the_test_split(smoke):
 
     real_test = exp.fed.test
     exp.fed.test = Forbidden(real_test)
-    got = train.evaluate_all_clients(exp, exp.model.trainable, exp.model.frozen, split="val")
+    got = exp.evaluator.all_clients(exp.model.trainable, exp.model.frozen, split="val")
     # The same machinery pointed at the validation arrays as if they were the test split.
     exp.fed.test = exp.fed.val
-    want = train.evaluate_all_clients(exp, exp.model.trainable, exp.model.frozen)
+    want = exp.evaluator.all_clients(exp.model.trainable, exp.model.frozen)
     assert got == {k.replace("all_clients_", "all_clients_val_"): v for k, v in want.items()}
     assert got["eval/all_clients_val_examples"] == sum(len(v["labels"]) for v in exp.fed.val)
     exp.fed.test = real_test

@@ -58,7 +58,8 @@ starts from (``state.params``, i.e. after ``state.round`` completed rounds, *bef
 round's update) on the sampled clients' local test splits; "personalized" is each sampled
 client's model after its local training in this round, on its own test split. So the figures of
 round r describe the model after r rounds; the model after the last round is evaluated by a
-further, evaluation-only call (``spry_jax.train.evaluate_final``).
+further, evaluation-only call (``spry_jax.train.evaluate_final``). The sums are the task
+evaluator's (``spry_jax.evaluation``), which also scores the host-side evaluations.
 """
 
 from __future__ import annotations

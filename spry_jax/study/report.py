@@ -17,7 +17,7 @@ from spry_jax import metrics as metrics_lib
 from spry_jax.study import runner, stats
 from spry_jax.study.spec import Point, Study, StudyError
 
-TEST_KEY = "eval/all_clients_accuracy"
+TEST_KEY = metrics_lib.eval_key(metrics_lib.ALL_CLIENTS, "accuracy")
 
 
 def _read_metrics(path: str) -> list[dict[str, Any]]:
@@ -37,15 +37,17 @@ def run_curves(records: Sequence[Mapping[str, Any]], flops: float | None) -> dic
     flops_cum = None
     if flops is not None and records and all(s is not None for s in steps):
         flops_cum = (np.cumsum(np.asarray(steps, dtype=np.float64)) * float(flops)).tolist()
-    evals = [r for r in records if "eval/generalized_accuracy" in r]
+    gen = metrics_lib.eval_key(metrics_lib.GENERALIZED, "accuracy")
+    per = metrics_lib.eval_key(metrics_lib.PERSONALIZED, "accuracy")
+    evals = [r for r in records if gen in r]
     return {
         "round": rounds,
         "train_loss": [float(r["train/loss"]) for r in records],
         "up_bytes_cum": up,
         "client_flops_cum": flops_cum,
         "eval_round": [int(r["round"]) for r in evals],
-        "eval_generalized_accuracy": [float(r["eval/generalized_accuracy"]) for r in evals],
-        "eval_personalized_accuracy": [r.get("eval/personalized_accuracy") for r in evals],
+        "eval_generalized_accuracy": [float(r[gen]) for r in evals],
+        "eval_personalized_accuracy": [r.get(per) for r in evals],
     }
 
 
@@ -70,7 +72,7 @@ def run_record(cell: runner.Cell, root: str) -> dict[str, Any]:
     final = summary["final"]
     rec.update(
         test_accuracy=final.get(TEST_KEY),
-        test_loss=final.get("eval/all_clients_loss"),
+        test_loss=final.get(metrics_lib.eval_key(metrics_lib.ALL_CLIENTS, "loss")),
         val_accuracy=final.get(runner.VALIDATION_KEYS[0]),
         val_loss=final.get(runner.VALIDATION_KEYS[1]),
         up_bytes=summary.get("comm/up_bytes"),

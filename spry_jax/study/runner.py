@@ -40,7 +40,9 @@ from spry_jax.study.spec import (
 
 # The only figures the selection reads: the final global model on every client's validation
 # split. Nothing from the test split is in this list, and selection sees nothing else.
-VALIDATION_KEYS = ("eval/all_clients_val_accuracy", "eval/all_clients_val_loss")
+VALIDATION_KEYS = tuple(
+    metrics_lib.eval_key(metrics_lib.ALL_CLIENTS_VAL, m) for m in ("accuracy", "loss")
+)
 
 DONE, FAILED, PARTIAL, NEW = "done", "failed", "partial", "new"
 

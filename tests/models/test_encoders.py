@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from spry_jax import models, tasks
+from spry_jax import evaluation, models, tasks
 from spry_jax.models import peft
 
 VOCAB = 99
@@ -254,7 +254,7 @@ def test_sentence_pair_parity_with_token_type_ids(family, task, tmp_path):
         loss = tasks.make_loss_fn(split)(split.trainable, split.frozen, batch, None)
         ref_loss = torch.nn.functional.cross_entropy(torch.tensor(ref), torch.tensor(labels))
         np.testing.assert_allclose(float(loss), float(ref_loss), atol=1e-5)
-        ev = tasks.make_eval_fn(split)(split.trainable, split.frozen, batch)
+        ev = evaluation.classification_batch_sums(split)(split.trainable, split.frozen, batch)
         assert float(ev["correct"]) == float((ref.argmax(-1) == labels).sum())
 
 
