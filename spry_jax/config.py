@@ -44,6 +44,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_every = 10  # evaluate every N rounds (and after the last); 0 = only at the end
     c.checkpoint_every = 10  # save a checkpoint every N rounds (and after the last)
     c.keep_checkpoints = 2  # how many checkpoints to keep
+    # Rounds between the host reading the device's round metrics back (the loss, the finiteness
+    # guard) and writing them to metrics.jsonl: 1 = every round; N > 1 keeps N rounds' metrics
+    # on the device so the host never waits on it in between (every round still gets its own
+    # record). Eval and checkpoint rounds always read back: nothing non-finite is ever saved.
+    c.log_every = 1
     c.comm_mode = "per_epoch"  # "per_epoch" | "per_iteration" (forward-gradient methods)
     c.resume_allow_schedule_change = False  # resume with new rounds under a non-constant schedule
 
@@ -252,6 +257,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("eval_every", "checkpoint_every"):
         if config[field] < 0:
             raise ConfigError(f"{field} must be >= 0, got {config[field]}")
+    if config.log_every < 1:
+        raise ConfigError(f"log_every must be >= 1 (1 = every round), got {config.log_every}")
     if config.keep_checkpoints < 1:
         raise ConfigError(f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
     if config.comm_mode not in COMM_MODES:

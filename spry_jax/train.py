@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,9 @@ class Experiment:
     num_steps: int
     eval_steps: int
     evaluator: evaluation.Evaluator
+    # The same round with the input state's buffers donated (program backends; the loop's
+    # non-eval rounds, which never read the old state again). None: use ``round_fn``.
+    donating_round_fn: Any = None
 
     def init_state(self) -> round_lib.ServerState:
         state = round_lib.init_server_state(
@@ -189,7 +192,11 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     max_test = max(len(t["input_ids"]) for t in fed.test)
     eval_steps = max(1, math.ceil(max_test / config.eval_batch_size))
     round_fn = round_lib.make_round_fn(spec)
-    return Experiment(config, fed, model, spec, round_fn, num_steps, eval_steps, evaluator)
+    programs = backend in ("vmap", "shard_map")
+    donating = round_lib.make_round_fn(spec, donate_state=True) if programs else None
+    return Experiment(
+        config, fed, model, spec, round_fn, num_steps, eval_steps, evaluator, donating
+    )
 
 
 # Config fields (top-level names or groups) a resume may change: they decide what is evaluated,
@@ -202,6 +209,7 @@ RESUMABLE_FIELDS = (
     "eval_every",
     "checkpoint_every",
     "keep_checkpoints",
+    "log_every",
     "eval_batch_size",
     "eval_all_clients",
     "log_memory",
@@ -275,11 +283,6 @@ def models_fingerprint(model: SplitModel) -> str:
     return h.hexdigest()[:16]
 
 
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def _is_eval_round(config: ml_collections.ConfigDict, r: int) -> bool:
     last = r == config.rounds - 1
     return last or (config.eval_every > 0 and (r + 1) % config.eval_every == 0)
@@ -288,6 +291,60 @@ def _is_eval_round(config: ml_collections.ConfigDict, r: int) -> bool:
 def _is_checkpoint_round(config: ml_collections.ConfigDict, r: int) -> bool:
     last = r == config.rounds - 1
     return last or (config.checkpoint_every > 0 and (r + 1) % config.checkpoint_every == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundInputs:
+    """What the host prepares for a round: its sampled clients and their packed, placed
+    arrays (deterministic in (seed, round), so the next round's can be packed while the device
+    runs this one)."""
+
+    round: int
+    clients: np.ndarray
+    batches: dict[str, jax.Array]
+    eval_batches: dict[str, jax.Array] | None
+
+
+def prepare_round(exp: Experiment, r: int, evaluate: bool) -> RoundInputs:
+    """Samples, packs and places round ``r``'s client arrays (and, on an eval round whose
+    evaluation runs in the program, the clients' test batches)."""
+    clients = exp.sample_clients(r)
+    batches = exp.round_batches(r, clients)
+    in_program = evaluate and exp.spec.eval_fn is not None
+    eval_batches = exp.eval_batches(clients) if in_program else None
+    return RoundInputs(r, clients, batches, eval_batches)
+
+
+def dispatch_round(
+    exp: Experiment,
+    state: round_lib.ServerState,
+    frozen: Any,
+    evaluate: bool,
+    inputs: RoundInputs | None = None,
+) -> tuple[round_lib.ServerState, dict[str, Any]]:
+    """Launches round ``state.round`` and returns ``(new state, round metrics)`` as device
+    arrays without waiting for them (JAX dispatches asynchronously). A non-eval round donates
+    ``state``'s buffers where the backend allows it (:attr:`Experiment.donating_round_fn`), so
+    ``state`` must not be read afterwards; an eval round keeps it (its evaluation and the final
+    all-clients evaluation read it)."""
+    r = int(state.round)
+    if inputs is None or inputs.round != r:
+        inputs = prepare_round(exp, r, evaluate)
+    # Per-client deltas only on host-evaluated rounds: num_slots copies of the trainable weights.
+    host = evaluate and inputs.eval_batches is None
+    fn = exp.round_fn if evaluate or exp.donating_round_fn is None else exp.donating_round_fn
+    return fn(state, frozen, inputs.batches, None, inputs.eval_batches, client_deltas=host)
+
+
+def round_evaluation(
+    exp: Experiment, state: round_lib.ServerState, frozen: Any, metrics: dict[str, Any]
+) -> dict[str, float]:
+    """The evaluation record of the eval round that started from ``state`` (its metrics
+    ``metrics``): see :func:`run_round`."""
+    clients = exp.sample_clients(int(state.round))
+    record = exp.evaluator.round(metrics, state.params, frozen, clients)
+    record[metrics_lib.MODEL_AFTER_ROUNDS] = int(state.round)
+    return record
 
 
 def run_round(
@@ -304,20 +361,11 @@ def run_round(
       (the paper's generalized and personalized accuracy: Panchal et al., NeurIPS 2024, arXiv
       2405.15551, evaluation setup), by the task's evaluator (:mod:`spry_jax.evaluation`):
       summed inside the round program where it can be (classification), else on the host from
-      the round's per-client deltas (QA).
+      the round's per-client deltas (QA). A non-eval round donates ``state``
+      (:func:`dispatch_round`).
     """
-    r = int(state.round)
-    clients = exp.sample_clients(r)
-    batches = exp.round_batches(r, clients)
-    in_program = evaluate and exp.spec.eval_fn is not None
-    # Per-client deltas only on host-evaluated rounds: num_slots copies of the trainable weights.
-    host = evaluate and not in_program
-    eval_batches = exp.eval_batches(clients) if in_program else None
-    new_state, m = exp.round_fn(state, frozen, batches, None, eval_batches, client_deltas=host)
-    evaluation_record: dict[str, float] = {}
-    if evaluate:
-        evaluation_record = exp.evaluator.round(m, state.params, frozen, clients)
-        evaluation_record[metrics_lib.MODEL_AFTER_ROUNDS] = r
+    new_state, m = dispatch_round(exp, state, frozen, evaluate)
+    evaluation_record = round_evaluation(exp, state, frozen, m) if evaluate else {}
     return new_state, m, evaluation_record
 
 
@@ -457,6 +505,80 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return _run_rounds(exp, state, start, manager, log, board, memory, identity, commit)
 
 
+class _Dispatched(NamedTuple):
+    """A round launched on the device, its figures not read back yet."""
+
+    round: int
+    start_time: float
+    metrics: dict[str, Any]
+    finite: jax.Array  # device bool: the loss and the new weights are finite
+    evaluation: dict[str, float]
+
+
+@jax.jit
+def _round_is_finite(loss: jax.Array, params: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]
+    return jnp.isfinite(loss) & jnp.all(jnp.stack(leaves))
+
+
+def _read_back(
+    exp: Experiment,
+    pending: list[_Dispatched],
+    checkpoints: str,
+    wall0: float,
+    memory: dict[str, Any],
+) -> Iterator[dict[str, Any]]:
+    """Yields the metrics records of the dispatched rounds ``pending`` in order, once the
+    device has finished them.
+
+    With several rounds read back at once (``log_every > 1``) each gets an equal share of the
+    stretch's wall time as ``time/round_s``.
+
+    Raises:
+      FloatingPointError: at the first round whose loss or new weights are not finite, after
+        yielding the rounds before it (checkpoints are written only after a read-back, so
+        nothing non-finite is ever saved).
+    """
+    config = exp.config
+    jax.block_until_ready(pending[-1].finite)
+    now = time.time()
+    seconds = (now - pending[0].start_time) / len(pending)
+    for d in pending:
+        loss = float(d.metrics["train/loss"])
+        if not bool(d.finite):
+            what = (
+                f"train/loss is {loss}" if not math.isfinite(loss) else "the weights are not finite"
+            )
+            raise FloatingPointError(
+                f"{what} after round {d.round}; stopping without saving. The last good checkpoint "
+                f"in {checkpoints} is intact. Lower client.lr (or fwd.sigma) and rerun with a "
+                "new --workdir (with another lr it is another experiment; this checkpoint would "
+                "refuse it)."
+            )
+        m = d.metrics
+        up, down = comm.round_bytes(
+            exp.spec.comm_mode, exp.model.trainable, m, config.fwd.num_tangents
+        )
+        record = {
+            "round": d.round,
+            "train/loss": loss,
+            "train/examples": float(m["train/examples"]),
+            "train/steps": float(m["train/steps"]),  # real local steps, all clients together
+            "train/examples_per_s": float(m["train/examples"]) / max(seconds, 1e-9),
+            "time/round_s": seconds,
+            "time/wall_s": now - wall0,
+            "comm/up_bytes": up,
+            "comm/down_bytes": down,
+        }
+        for key in ("train/dropped_clients", "train/client_variance"):
+            if key in m:
+                record[key] = float(m[key])
+        if d.round == 0 and memory:
+            record.update({f"memory/client_step_{k}": v for k, v in memory.items()})
+        record.update(d.evaluation)
+        yield record
+
+
 def _run_rounds(
     exp: Experiment,
     state: round_lib.ServerState,
@@ -486,48 +608,34 @@ def _run_rounds(
     )
     frozen = exp.replicate(exp.model.frozen)
     wall0 = time.time()
+    # Rounds dispatched to the device whose metrics the host has not read back yet.
+    pending: list[_Dispatched] = []
+    ahead = (
+        prepare_round(exp, start, _is_eval_round(config, start)) if start < config.rounds else None
+    )
     for r in range(start, config.rounds):
         t0 = time.time()
-        new_state, m, evaluation = run_round(exp, state, frozen, _is_eval_round(config, r))
-        loss = float(m["train/loss"])
-        if not (math.isfinite(loss) and bool(_all_finite(new_state.params))):
-            what = (
-                f"train/loss is {loss}" if not math.isfinite(loss) else "the weights are not finite"
-            )
-            raise FloatingPointError(
-                f"{what} after round {r}; stopping without saving. The last good checkpoint in "
-                f"{manager.directory} is intact. Lower client.lr (or fwd.sigma) and rerun with a "
-                "new --workdir (with another lr it is another experiment; this checkpoint would "
-                "refuse it)."
-            )
+        evaluate = _is_eval_round(config, r)
+        new_state, m = dispatch_round(exp, state, frozen, evaluate, ahead)
+        # The guard stays on the device until a read-back point; meanwhile the host packs the
+        # next round's arrays while the device runs this one.
+        finite = _round_is_finite(m["train/loss"], new_state.params)
+        if r + 1 < config.rounds:
+            ahead = prepare_round(exp, r + 1, _is_eval_round(config, r + 1))
+        evaluation = round_evaluation(exp, state, frozen, m) if evaluate else {}
+        pending.append(_Dispatched(r, t0, m, finite, evaluation))
         state = new_state
-        seconds = time.time() - t0
-        up, down = comm.round_bytes(
-            exp.spec.comm_mode, exp.model.trainable, m, config.fwd.num_tangents
-        )
-        record = {
-            "round": r,
-            "train/loss": loss,
-            "train/examples": float(m["train/examples"]),
-            "train/steps": float(m["train/steps"]),  # real local steps, all clients together
-            "train/examples_per_s": float(m["train/examples"]) / max(seconds, 1e-9),
-            "time/round_s": seconds,
-            "time/wall_s": time.time() - wall0,
-            "comm/up_bytes": up,
-            "comm/down_bytes": down,
-        }
-        for key in ("train/dropped_clients", "train/client_variance"):
-            if key in m:
-                record[key] = float(m[key])
-        if r == 0 and memory:
-            record.update({f"memory/client_step_{k}": v for k, v in memory.items()})
-        record.update(evaluation)
-        log.append(record)
-        commit()
-        board.write(record)
-        progress.update(record)
-        logging.info("round %d: %s", r, metrics_lib.brief(record))
-        if _is_checkpoint_round(config, r):
+        last = r == config.rounds - 1
+        save = _is_checkpoint_round(config, r)
+        if evaluate or save or last or (r + 1 - start) % config.log_every == 0:
+            for record in _read_back(exp, pending, manager.directory, wall0, memory):
+                log.append(record)
+                commit()
+                board.write(record)
+                progress.update(record)
+                logging.info("round %d: %s", record["round"], metrics_lib.brief(record))
+            pending = []
+        if save:  # only after its rounds were read back and found finite
             manager.save(r + 1, state, identity)
     manager.close()
     # Every figure in summary.json's "final" is of the final global model (after all rounds).

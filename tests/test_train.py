@@ -401,18 +401,62 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
     # with another lr is refused), so round 1 starts from non-finite weights.
     train.train_and_evaluate(_smoke(rounds=1), str(tmp_path))
     before = _records(tmp_path)
-    real_round = train.run_round
+    real_round = train.dispatch_round
 
-    def blow_up(exp, state, frozen, evaluate):
+    def blow_up(exp, state, frozen, evaluate, inputs=None):
         if int(state.round) >= 1:
             state = state._replace(params=jax.tree.map(lambda x: x * np.inf, state.params))
-        return real_round(exp, state, frozen, evaluate)
+        return real_round(exp, state, frozen, evaluate, inputs)
 
-    monkeypatch.setattr(train, "run_round", blow_up)
+    monkeypatch.setattr(train, "dispatch_round", blow_up)
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         train.train_and_evaluate(_smoke(rounds=3), str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
     assert _records(tmp_path) == before
+
+
+def test_reading_back_every_few_rounds_gives_the_same_records(tmp_path):
+    """``log_every = 3`` keeps rounds' metrics on the device between read-backs: the same
+    records (one per round), in the same file, as reading every round back."""
+    every, stretch = tmp_path / "every", tmp_path / "stretch"
+    train.train_and_evaluate(_smoke(rounds=4, eval_every=0, checkpoint_every=0), str(every))
+    cfg = _smoke(rounds=4, eval_every=0, checkpoint_every=0, log_every=3)
+    train.train_and_evaluate(cfg, str(stretch))
+    want = [_strip_times(r) for r in _records(every)]
+    assert [_strip_times(r) for r in _records(stretch)] == want
+    assert [r["round"] for r in want] == [0, 1, 2, 3]
+
+
+def test_a_non_finite_round_inside_a_stretch_never_reaches_a_checkpoint(tmp_path, monkeypatch):
+    """Rounds 3-5 are read back together (log_every = 5); round 4 blows up. The checkpoint after
+    round 2 (read back first) is kept, round 3's finite record is written, nothing after."""
+    real_round = train.dispatch_round
+
+    def blow_up(exp, state, frozen, evaluate, inputs=None):
+        if int(state.round) >= 4:
+            state = state._replace(params=jax.tree.map(lambda x: x * np.inf, state.params))
+        return real_round(exp, state, frozen, evaluate, inputs)
+
+    monkeypatch.setattr(train, "dispatch_round", blow_up)
+    cfg = _smoke(rounds=6, eval_every=0, checkpoint_every=3, log_every=5)
+    with pytest.raises(FloatingPointError, match="after round 4; stopping without saving"):
+        train.train_and_evaluate(cfg, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+    assert [r["round"] for r in _records(tmp_path)] == [0, 1, 2, 3]
+
+
+def test_non_eval_rounds_donate_the_state_and_eval_rounds_keep_it():
+    exp = train.build_experiment(_smoke())
+    frozen = exp.replicate(exp.model.frozen)
+    state = exp.init_state()
+    train.dispatch_round(exp, state, frozen, evaluate=True)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(state))
+    inputs = train.prepare_round(exp, 0, evaluate=False)
+    want, _ = exp.round_fn(jax.tree.map(np.copy, state), frozen, inputs.batches)
+    got, _ = train.dispatch_round(exp, state, frozen, evaluate=False, inputs=inputs)
+    assert all(x.is_deleted() for x in jax.tree.leaves(state.params))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize(

@@ -568,9 +568,15 @@ def _inner(spec: RoundSpec, client_deltas: bool) -> Callable[..., tuple]:
     )
 
 
-def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str, Array]]]:
+def make_round_fn(
+    spec: RoundSpec, donate_state: bool = False
+) -> Callable[..., tuple[ServerState, dict[str, Array]]]:
     """Builds ``round_fn(state, frozen, client_batches, key=None, eval_batches=None,
     client_deltas=False) -> (state, metrics)``.
+
+    ``donate_state=True`` (program backends) donates the input state's buffers to the new
+    state, so a round holds one copy of the weights and optimizer state: the ``state`` passed in
+    is deleted by the call (the round loop's non-eval rounds, which never read it again).
 
     ``client_batches`` holds the per-example leaves ``[num_slots, steps, batch, ...]`` and
     ``step_mask`` ``[num_slots, steps]``. ``key`` defaults to ``fold_in(state.rng, state.round)``.
@@ -656,7 +662,8 @@ def make_round_fn(spec: RoundSpec) -> Callable[..., tuple[ServerState, dict[str,
         return new_state, metrics
 
     if spec.backend in ("shard_map", "vmap"):
-        return jax.jit(round_fn, static_argnames=("client_deltas",))
+        donate = ("state",) if donate_state else ()
+        return jax.jit(round_fn, static_argnames=("client_deltas",), donate_argnames=donate)
     if spec.backend == "debug":
 
         def debug_round_fn(*args, **kwargs):
