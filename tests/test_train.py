@@ -388,6 +388,18 @@ def test_a_rounds_dependent_schedule_refuses_more_rounds_unless_allowed(tmp_path
     assert [r["round"] for r in _records(tmp_path)] == [0, 1]
 
 
+def _blow_up_from(first: int, monkeypatch) -> None:
+    """Rounds ``first`` on start from non-finite weights (the loop's ``dispatch_round``)."""
+    real_round = train.dispatch_round
+
+    def blow_up(exp, state, frozen, evaluate, inputs=None):
+        if int(state.round) >= first:
+            state = state._replace(params=jax.tree.map(lambda x: x * np.inf, state.params))
+        return real_round(exp, state, frozen, evaluate, inputs)
+
+    monkeypatch.setattr(train, "dispatch_round", blow_up)
+
+
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     # A diverging config stops before anything is saved.
     diverging = tmp_path / "diverging"
@@ -401,14 +413,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
     # with another lr is refused), so round 1 starts from non-finite weights.
     train.train_and_evaluate(_smoke(rounds=1), str(tmp_path))
     before = _records(tmp_path)
-    real_round = train.dispatch_round
-
-    def blow_up(exp, state, frozen, evaluate, inputs=None):
-        if int(state.round) >= 1:
-            state = state._replace(params=jax.tree.map(lambda x: x * np.inf, state.params))
-        return real_round(exp, state, frozen, evaluate, inputs)
-
-    monkeypatch.setattr(train, "dispatch_round", blow_up)
+    _blow_up_from(1, monkeypatch)
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         train.train_and_evaluate(_smoke(rounds=3), str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
@@ -430,14 +435,7 @@ def test_reading_back_every_few_rounds_gives_the_same_records(tmp_path):
 def test_a_non_finite_round_inside_a_stretch_never_reaches_a_checkpoint(tmp_path, monkeypatch):
     """Rounds 3-5 are read back together (log_every = 5); round 4 blows up. The checkpoint after
     round 2 (read back first) is kept, round 3's finite record is written, nothing after."""
-    real_round = train.dispatch_round
-
-    def blow_up(exp, state, frozen, evaluate, inputs=None):
-        if int(state.round) >= 4:
-            state = state._replace(params=jax.tree.map(lambda x: x * np.inf, state.params))
-        return real_round(exp, state, frozen, evaluate, inputs)
-
-    monkeypatch.setattr(train, "dispatch_round", blow_up)
+    _blow_up_from(4, monkeypatch)
     cfg = _smoke(rounds=6, eval_every=0, checkpoint_every=3, log_every=5)
     with pytest.raises(FloatingPointError, match="after round 4; stopping without saving"):
         train.train_and_evaluate(cfg, str(tmp_path))
