@@ -47,13 +47,33 @@ def smoke_config():
     return smoke.get_config()
 
 
-def round_config(clients: int, backend: str, method: str = "spry", num_devices: int = 0):
-    """The smoke config with M clients per round (all clients take part) on ``backend``."""
-    cfg = smoke_config()
+def file_config(path: str):
+    """``get_config()`` of an experiment file (e.g. ``experiments/quickstart.py``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("spry_jax_bench_config", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"--config={path!r}: not a Python file with get_config()")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def round_config(
+    clients: int, backend: str, method: str = "spry", num_devices: int = 0, config: str = ""
+):
+    """M clients per round on ``backend``: the smoke config (all M clients take part, 40
+    synthetic examples each), or with ``config`` an experiment file's config with its own data
+    and M of its clients sampled per round (at least M clients in the federation)."""
+    if config:
+        cfg = file_config(config)
+        cfg.num_clients = max(cfg.num_clients, clients)
+    else:
+        cfg = smoke_config()
+        cfg.num_clients = clients
+        cfg.data.num_examples = EXAMPLES_PER_CLIENT * clients
     cfg.method = method
-    cfg.num_clients = clients
     cfg.clients_per_round = clients
-    cfg.data.num_examples = EXAMPLES_PER_CLIENT * clients
     cfg.round.backend = backend
     cfg.round.num_devices = num_devices
     return cfg
@@ -85,13 +105,16 @@ def time_rounds(config, repeats: int = 3) -> dict[str, float]:
     }
 
 
-def compare_backends(clients: int, repeats: int, method: str = "spry") -> dict[str, Any]:
+def compare_backends(
+    clients: int, repeats: int, method: str = "spry", config: str = ""
+) -> dict[str, Any]:
     """One-program (vmap) vs loop of jitted client updates at M = ``clients``."""
-    prog = time_rounds(round_config(clients, "vmap", method), repeats)
-    loop = time_rounds(round_config(clients, "loop", method), repeats)
+    prog = time_rounds(round_config(clients, "vmap", method, config=config), repeats)
+    loop = time_rounds(round_config(clients, "loop", method, config=config), repeats)
     return {
         "M": clients,
         "method": method,
+        "config": config or "smoke",
         "program": prog,
         "loop": loop,
         "loop_over_program": loop["round_s"] / prog["round_s"],
@@ -123,11 +146,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device_clients", type=int, default=100, help="M for the device runs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--method", default="spry")
+    parser.add_argument(
+        "--config",
+        default="",
+        help="experiment file for the program-vs-loop rows (default: the smoke model); e.g. "
+        "experiments/quickstart.py for MiniLM on the quickstart's data",
+    )
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     print(
         f"jax {jax.__version__}; {os.cpu_count()} CPU cores; devices {jax.devices()}; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {os.getloadavg()}; "
+        f"config {args.config or 'smoke'}"
     )
     result: dict[str, Any] = {"backends": [], "devices": []}
     print(
@@ -136,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for m in (int(x) for x in args.clients.split(",") if x):
-        r = compare_backends(m, args.repeats, args.method)
+        r = compare_backends(m, args.repeats, args.method, args.config)
         result["backends"].append(r)
         p, lp = r["program"], r["loop"]
         print(
@@ -161,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{first / r['round_s']:.2f}x | {r['first_s']:.1f} |",
                 flush=True,
             )
+    print(f"\nload average at the end {os.getloadavg()}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
