@@ -184,7 +184,8 @@ def get_method(name: str) -> Method:
 
 
 # Estimators that differentiate the loss in reverse mode: their rows build the model with a
-# lazily dequantised quantised base (a custom_vjp, which forward mode cannot go through).
+# lazily dequantised quantised base and cut layer cotangents (custom_vjps, which forward mode
+# cannot go through).
 BACKPROP_ESTIMATORS = ("backprop", "lcsb")
 
 
@@ -192,9 +193,13 @@ def model_options(name: str) -> dict[str, Any]:
     """The model-build options method ``name``'s row names, as keyword arguments of
     :func:`spry_jax.models.make_split_model`: ``remat`` (the row's ``remat``) and
     ``lazy_dequant`` (every backprop row: a quantised base is dequantised again in the
-    backward pass rather than kept in float, as MeBP as published does, arXiv 2510.03425)."""
+    backward pass rather than kept in float, as MeBP as published does, arXiv 2510.03425) and
+    ``cut_cotangents`` (every backprop row: each layer's output cotangent is materialised once
+    instead of recomputed by XLA CPU's fusions in every layer below,
+    :func:`spry_jax.models.layers.cut_cotangent`)."""
     method = get_method(name)
-    return {"remat": method.remat, "lazy_dequant": method.estimator in BACKPROP_ESTIMATORS}
+    reverse = method.estimator in BACKPROP_ESTIMATORS
+    return {"remat": method.remat, "lazy_dequant": reverse, "cut_cotangents": reverse}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,12 +113,13 @@ def abstract_split_model(
     overrides: dict[str, Any] | None = None,
     remat: str = "none",
     lazy_dequant: bool = False,
+    cut_cotangents: bool = False,
 ) -> SplitModel:
     """A :class:`SplitModel` whose ``trainable`` and ``frozen`` are ``jax.ShapeDtypeStruct``.
 
     The model is built, adapted (LoRA r=1, alpha=1 on query/value) and split inside
     ``jax.eval_shape``, so no weight is allocated; ``apply_fn`` keeps only the graph and leaf
-    shapes, and is called on real or abstract arrays alike. ``remat`` and ``lazy_dequant`` are
+    shapes, and is called on real or abstract arrays alike. ``remat``, ``lazy_dequant`` and ``cut_cotangents`` are
     the build options of :func:`spry_jax.models.make_split_model` (a method's come from
     :func:`spry_jax.methods.model_options`).
     """
@@ -137,7 +138,9 @@ def abstract_split_model(
             quant=setting.quant,
         )
         models.apply_peft(model, peft_cfg)
-        models.set_build_options(model, remat=remat, lazy_dequant=lazy_dequant)
+        models.set_build_options(
+            model, remat=remat, lazy_dequant=lazy_dequant, cut_cotangents=cut_cotangents
+        )
         split = peft_lib.split_model(model, peft_cfg)
         holder["split"] = split
         return split.trainable, split.frozen

@@ -4,8 +4,9 @@ Public API::
 
     from_pretrained(name_or_path, task=..., num_labels=..., dtype=..., quant=..., peft=...)
     make_split_model(model_cfg, peft_cfg, task=..., num_labels=..., seed=...,
-                     remat="none" | "layer" | "lora", lazy_dequant=False) -> SplitModel
-    set_build_options(model, remat=..., lazy_dequant=...)   # the same options on a built model
+                     remat="none" | "layer" | "lora", lazy_dequant=False,
+                     cut_cotangents=False) -> SplitModel
+    set_build_options(model, remat=..., lazy_dequant=..., cut_cotangents=...)  # on a built model
     split_model(model, peft_cfg) -> SplitModel
     abstract_model(name, ...)      # shapes only, from the registry (no hub, no memory)
     load_tokenizer(name_or_path)

@@ -205,6 +205,8 @@ class OPTDecoder(nnx.Module):
         )
         # Build option (layers.set_build_options): a jax.checkpoint per decoder layer.
         self.layer_remat = False
+        # Build option: each layer's output through layers.cut_cotangent (backprop rows).
+        self.layer_cut = False
 
     def __call__(self, input_ids: Array, attention_mask: Array, dropout_rng: Array | None) -> Array:
         mask_i = attention_mask.astype(jnp.int32)
@@ -218,7 +220,7 @@ class OPTDecoder(nnx.Module):
         for i, layer in enumerate(self.layers):
             r = layers.fold_rng(dropout_rng, i)
             x = layers.maybe_remat(
-                functools.partial(layer, mask=mask, dropout_rng=r), self.layer_remat
+                functools.partial(layer, mask=mask, dropout_rng=r), self.layer_remat, self.layer_cut
             )(x)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
@@ -392,6 +394,8 @@ class LlamaModel(nnx.Module):
         self.inv_freq = tuple(float(f) for f in rope_inv_freq(config, head_dim))
         # Build option (layers.set_build_options): a jax.checkpoint per decoder layer.
         self.layer_remat = False
+        # Build option: each layer's output through layers.cut_cotangent (backprop rows).
+        self.layer_cut = False
 
     def __call__(
         self, input_ids: Array, attention_mask: Array, dropout_rng: Array | None = None
@@ -408,7 +412,7 @@ class LlamaModel(nnx.Module):
         for i, layer in enumerate(self.layers):
             r = layers.fold_rng(dropout_rng, i)
             body = functools.partial(layer, cos=cos, sin=sin, mask=mask, dropout_rng=r)
-            x = layers.maybe_remat(body, self.layer_remat)(x)
+            x = layers.maybe_remat(body, self.layer_remat, self.layer_cut)(x)
         return self.norm(x)
 
 

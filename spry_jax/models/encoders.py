@@ -108,6 +108,8 @@ class EncoderBase(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         # Build option (layers.set_build_options): a jax.checkpoint per transformer layer.
         self.layer_remat = False
+        # Build option: each layer's output through layers.cut_cotangent (backprop rows).
+        self.layer_cut = False
 
     @property
     def head_prefixes(self) -> tuple[str, ...]:
@@ -317,7 +319,7 @@ class BertModel(EncoderBase):
         act = activation(self.act)
         for i, layer in enumerate(self.encoder.layer):
             body = functools.partial(self._layer, layer, mask, act, fold_rng(rng, i + 1))
-            x = maybe_remat(body, self.layer_remat)(x)
+            x = maybe_remat(body, self.layer_remat, self.layer_cut)(x)
         return x
 
     def _layer(self, layer, mask: Array, act, r: Array | None, x: Array) -> Array:
@@ -486,7 +488,7 @@ class DistilBertModel(EncoderBase):
         act = activation(self.act)
         for i, layer in enumerate(self.transformer.layer):
             body = functools.partial(self._layer, layer, mask, act, fold_rng(rng, i + 1))
-            x = maybe_remat(body, self.layer_remat)(x)
+            x = maybe_remat(body, self.layer_remat, self.layer_cut)(x)
         return x
 
     def _layer(self, layer, mask: Array, act, r: Array | None, x: Array) -> Array:
@@ -634,7 +636,7 @@ class AlbertModel(EncoderBase):
             for layer in group.albert_layers:
                 step += 1
                 body = functools.partial(self._layer, layer, mask, act, fold_rng(rng, step + 1))
-                x = maybe_remat(body, self.layer_remat)(x)
+                x = maybe_remat(body, self.layer_remat, self.layer_cut)(x)
         return x
 
     def _layer(self, layer, mask: Array, act, r: Array | None, x: Array) -> Array:

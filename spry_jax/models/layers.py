@@ -10,14 +10,14 @@ Conventions (both the encoders and the decoders follow them):
 * Dropout is pure: every ``__call__`` that drops takes ``dropout_rng: jax.Array | None``;
   ``None`` means deterministic. Callers derive per-layer keys with ``jax.random.fold_in``.
 * Computation runs in the activation dtype (the dtype of ``x``); norms and softmax in float32.
-* Everything is jvp-safe: no custom kernels, only XLA ops. The one exception is
-  :func:`quantized_matmul` (a ``custom_vjp``), used only by a model built with the
-  ``lazy_dequant`` option, which the backprop rows of :mod:`spry_jax.methods` ask for and the
-  forward-mode rows never do.
+* Everything is jvp-safe: no custom kernels, only XLA ops. The two exceptions are
+  :func:`quantized_matmul` and :func:`cut_cotangent` (both ``custom_vjp``), used only by a model
+  built with the ``lazy_dequant`` / ``cut_cotangents`` options, which the backprop rows of
+  :mod:`spry_jax.methods` ask for and the forward-mode rows never do.
 * How reverse mode is traced is a build option, never a global: :func:`set_build_options`
   (``make_split_model(..., remat=..., lazy_dequant=...)``) sets static attributes on the
   layers -- ``remat="layer"`` (a ``jax.checkpoint`` per transformer layer, MeBP),
-  ``remat="lora"`` (LoRA's ``xA`` recomputed, MeSP), ``lazy_dequant`` -- so one model's
+  ``remat="lora"`` (LoRA's ``xA`` recomputed, MeSP), ``lazy_dequant``, ``cut_cotangents`` -- so one model's
   traced program is decided by how it was built, not by what is set while tracing.
 * Every layer class declares the order of its variables in ``VARIABLE_ORDER`` (torch's
   ``weight`` before ``bias``, PEFT's adapters after the base weights). With each
@@ -57,14 +57,57 @@ def check_remat(remat: str) -> str:
     return remat
 
 
-def maybe_remat(fn: Callable[[Array], Array], remat: bool) -> Callable[[Array], Array]:
-    """``jax.checkpoint(fn)`` (nothing inside saved) when ``remat``, else ``fn``: a layer stack
-    passes its ``layer_remat`` build option."""
-    return jax.checkpoint(fn) if remat else fn
+def maybe_remat(
+    fn: Callable[[Array], Array], remat: bool, cut: bool = False
+) -> Callable[[Array], Array]:
+    """One transformer layer's body as a layer stack runs it, from its build options:
+    ``jax.checkpoint(fn)`` (nothing inside saved) when ``remat`` (``layer_remat``), and its
+    output through :func:`cut_cotangent` when ``cut`` (``layer_cut``)."""
+    body = jax.checkpoint(fn) if remat else fn
+    if not cut:
+        return body
+    return lambda x: cut_cotangent(body(x))
+
+
+@jax.custom_vjp
+def cut_cotangent(x: Array) -> Array:
+    """The identity; in reverse mode its cotangent is computed once, in a buffer of its own.
+
+    Why: in a post-LayerNorm stack (BERT, RoBERTa) the backward pass of every LayerNorm is
+    elementwise given two row reductions, so the cotangent of the residual stream is one long
+    elementwise chain through all layers, and XLA's CPU fusion pass fuses a cheap producer into
+    each of its consumers, duplicating it. Each layer's fusions then recompute the chain of
+    every layer above: on BERT-base (12 layers) the backward pass held fusions of ~1,000
+    instructions and 280 operands, and spent ~0.55 s of a 1.9 s backprop step in them
+    (``scripts/bench_torch_step.py``, docs/benchmarks.md). A ``lax.cond`` is never fused, so
+    a cotangent that passes one is materialised once per layer and the chain is cut; its
+    predicate is always true but XLA cannot prove it (:func:`_opaque_zero`), and it stays
+    unbatched under ``vmap`` so the cond is not turned into a select. Values are unchanged
+    (the taken branch is the identity). A ``custom_vjp``, so not jvp-safe: only models built
+    for reverse mode get it (``set_build_options(..., cut_cotangents=True)``, which the
+    backprop rows of :mod:`spry_jax.methods` ask for).
+    """
+    return x
+
+
+def _cut_fwd(x: Array) -> tuple[Array, None]:
+    return x, None
+
+
+def _cut_bwd(_, g: Array) -> tuple[Array]:
+    keep = _opaque_zero(g) == 0.0  # always true; not provable by XLA
+    return (jax.lax.cond(keep, lambda c: c, jnp.zeros_like, g),)
+
+
+cut_cotangent.defvjp(_cut_fwd, _cut_bwd)
 
 
 def set_build_options(
-    model: nnx.Module, *, remat: str = "none", lazy_dequant: bool = False
+    model: nnx.Module,
+    *,
+    remat: str = "none",
+    lazy_dequant: bool = False,
+    cut_cotangents: bool = False,
 ) -> nnx.Module:
     """Sets the build options that change how backprop through ``model`` is traced (static
     attributes, part of the graph definition, so a later ``nnx.split`` carries them). Values
@@ -97,6 +140,7 @@ def set_build_options(
             node.lazy_dequant = bool(lazy_dequant)
         elif isinstance(node, nnx.Module) and hasattr(node, "layer_remat"):
             node.layer_remat = remat == "layer"
+            node.layer_cut = bool(cut_cotangents)
             stacks += 1
     if remat == "layer" and not stacks:
         raise ValueError(

@@ -594,6 +594,7 @@ def make_split_model(
     seed: int = 0,
     remat: str = "none",
     lazy_dequant: bool = False,
+    cut_cotangents: bool = False,
 ) -> SplitModel:
     """Builds the model a config describes and splits it into trainable and frozen parts.
 
@@ -623,6 +624,8 @@ def make_split_model(
         (:func:`spry_jax.models.layers.set_build_options`).
       lazy_dequant: a quantised base is dequantised again in the backward pass instead of kept
         in float (every backprop row); not jvp-safe, so never for forward-gradient rows.
+      cut_cotangents: each layer's output cotangent is materialised once in the backward pass
+        (:func:`spry_jax.models.layers.cut_cotangent`; every backprop row); not jvp-safe.
 
     Returns:
       The :class:`spry_jax.types.SplitModel` (trainable = PEFT leaves + head, in model order).
@@ -654,5 +657,7 @@ def make_split_model(
         config = load_config(name, overrides, dropout=dropout, prefer_registry=True)
         model = build_model(config, **common, seed=seed)
         apply_peft(model, peft, seed=seed)
-    layers.set_build_options(model, remat=remat, lazy_dequant=lazy_dequant)
+    layers.set_build_options(
+        model, remat=remat, lazy_dequant=lazy_dequant, cut_cotangents=cut_cotangents
+    )
     return split_model(model, peft)

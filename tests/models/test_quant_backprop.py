@@ -206,7 +206,11 @@ def test_forward_rows_never_take_the_lazy_path():
     for method in sorted(set(methods.METHODS) - set(BACKPROP_ROWS)):
         assert not methods.model_options(method)["lazy_dequant"], method
     for method in ("spry", "fedfgd"):
-        assert methods.model_options(method) == {"remat": "none", "lazy_dequant": False}
+        assert methods.model_options(method) == {
+            "remat": "none",
+            "lazy_dequant": False,
+            "cut_cotangents": False,
+        }
         fn, params = _estimate_fn(method)
         prims = _prims(fn, params)
         assert not any("custom_vjp" in p for p in prims), method

@@ -55,15 +55,14 @@ def _config(family: str, num_layers: int, hidden: int):
     )
 
 
-def _loss_and_params(
-    family: str, num_layers=3, hidden=32, batch=16, seq=64, remat="none", lazy_dequant=False
-):
-    """A LoRA-adapted random model with dropout on (keyed), built with the given options, a
-    loss and non-trivial LoRA B (the same weights and loss for every option)."""
+def _loss_and_params(family: str, num_layers=3, hidden=32, batch=16, seq=64, rank=2, **build):
+    """A LoRA-adapted random model with dropout on (keyed), built with the given options
+    (``build``: :func:`layers.set_build_options`' keywords), a loss and non-trivial LoRA B
+    (the same weights and loss for every option)."""
     model = models.build_model(_config(family, num_layers, hidden), num_labels=2)
-    cfg = dict(method="lora", lora_rank=2, lora_alpha=4.0, lora_dropout=0.1)
+    cfg = dict(method="lora", lora_rank=rank, lora_alpha=4.0, lora_dropout=0.1)
     models.apply_peft(model, cfg)
-    models.set_build_options(model, remat=remat, lazy_dequant=lazy_dequant)
+    models.set_build_options(model, **build)
     sm = models.split_model(model, cfg)
     params = {
         k: v + 0.1 * jax.random.normal(jax.random.PRNGKey(i), v.shape, v.dtype)
@@ -201,7 +200,7 @@ def test_method_table_points_mebp_at_layer_remat():
     row = methods.METHODS["fedavg_remat"]
     assert row.estimator == "backprop" and row.remat == "layer"
     opts = methods.model_options("fedavg_remat")
-    assert opts == {"remat": "layer", "lazy_dequant": True}
+    assert opts == {"remat": "layer", "lazy_dequant": True, "cut_cotangents": True}
     f, params = _loss_and_params("opt", num_layers=2, batch=2, seq=8, **opts)
     plain_f, _ = _loss_and_params("opt", num_layers=2, batch=2, seq=8)
     est = methods.ESTIMATORS[row.estimator](default_config())
