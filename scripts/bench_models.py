@@ -19,6 +19,7 @@ Times on shared machines are noisy: read the ratios, measured in one run. Run::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -89,14 +90,18 @@ def bench(name: str, pretrained: bool, batch: int, seq: int, iters: int) -> None
     )
     peft_cfg = dict(method="lora", lora_rank=1, lora_alpha=1.0, lora_dropout=0.0, target_modules=[])
     split = models.make_split_model(model_cfg, peft_cfg, task="classification", num_labels=2)
+    # Backprop through the build the backprop rows use (methods.model_options("fedavg")).
+    reverse = models.make_split_model(
+        model_cfg, peft_cfg, task="classification", num_labels=2, cut_cotangents=True
+    )
     config = models.load_config(name, prefer_registry=not pretrained)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1000, config.vocab_size, (batch, seq)), jnp.int32)
     mask = jnp.ones((batch, seq), jnp.int32)
     labels = jnp.asarray(rng.integers(0, 2, (batch,)), jnp.int32)
 
-    def loss_fn(tr, frozen):
-        logits = split.apply_fn(tr, frozen, ids, mask)
+    def loss_fn(tr, frozen, apply_fn=split.apply_fn):
+        logits = apply_fn(tr, frozen, ids, mask)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
     def fwd(tr, frozen, v):
@@ -106,7 +111,7 @@ def bench(name: str, pretrained: bool, batch: int, seq: int, iters: int) -> None
         return jax.jvp(lambda t: loss_fn(t, frozen), (tr,), (v,))
 
     def backprop(tr, frozen, v):
-        return jax.value_and_grad(loss_fn)(tr, frozen)
+        return jax.value_and_grad(functools.partial(loss_fn, apply_fn=reverse.apply_fn))(tr, frozen)
 
     tangent = jax.tree.map(lambda x: jnp.ones_like(x), split.trainable)
     args = (split.trainable, split.frozen, tangent)

@@ -88,7 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "minilm"  # registry alias, hub id or local directory
     c.model.pretrained = True  # False = random init from the architecture config
-    c.model.dtype = "float32"  # frozen base and activations: "float32" | "bfloat16"
+    c.model.dtype = "float32"  # frozen base and activations: "float32" | "bfloat16" | "float16"
     c.model.quant = "none"  # frozen Linear kernels: "none" | "int8" | "int4"
     c.model.dropout = 0.1  # model dropout (hidden and attention), active in training
     c.model.pooling = "default"  # "default" (the family's head) | "mean"
@@ -234,6 +234,9 @@ def check_variant(variant: str, known: tuple[str, ...] = ("", "local")) -> None:
         )
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Rejects invalid values before any work, naming the field and the fix."""
     from spry_jax import methods  # local: methods imports optax/jax-heavy modules
@@ -265,6 +268,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"comm_mode={config.comm_mode!r}; choose one of {COMM_MODES}.")
     if config.round.backend not in BACKENDS:
         raise ConfigError(f"round.backend={config.round.backend!r}; choose one of {BACKENDS}.")
+    if config.model.dtype not in MODEL_DTYPES:
+        raise ConfigError(
+            f"model.dtype={config.model.dtype!r}; choose one of {MODEL_DTYPES} (the frozen base "
+            "and activations; trainable weights, tangents and optimizer state stay float32)."
+        )
     if config.client.lr <= 0:
         raise ConfigError(f"client.lr must be > 0, got {config.client.lr}")
     if config.server.lr is not None and config.server.lr <= 0:

@@ -143,3 +143,43 @@ def test_benchmarks_set_xla_flags_only_from_their_entry():
         [sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, check=False
     )
     assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-2000:]
+
+
+def test_torch_step_script_times_both_sides_of_the_same_trainable_weights(tmp_path):
+    """scripts/bench_torch_step.py on tiny-bert: one fresh process per (side, method), both
+    sides train the same number of weights (LoRA r=1 on every query/value + the classifier),
+    our FLOPs come from XLA, and the ratio table is filled."""
+    import json
+    import os
+
+    out = tmp_path / "steps.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "scripts", "bench_torch_step.py"),
+            "--models=tiny-bert",
+            "--iters=2",
+            "--warmup=1",
+            "--seq=16",
+            f"--out={out}",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    result = json.loads(out.read_text())
+    rows = {(r["side"], r["method"]): r for r in result["rows"]}
+    assert set(rows) == {(s, m) for s in ("jax", "torch") for m in ("spry", "fedavg")}
+    for method in ("spry", "fedavg"):
+        assert rows[("jax", method)]["trainable"] == rows[("torch", method)]["trainable"] > 0
+        assert rows[("jax", method)]["flops"] > 0
+        assert all(r["step_s"] > 0 for r in rows.values())
+    (ratio,) = result["ratios"]
+    assert set(ratio) == {
+        "model",
+        "spry_ours_over_torch",
+        "fedavg_ours_over_torch",
+        "spry_over_backprop_ours",
+    }

@@ -69,7 +69,7 @@ _DROPOUT_FIELDS = (
     "dropout",
     "attention_dropout",
 )
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 class HubUnavailableError(OSError):
@@ -77,14 +77,15 @@ class HubUnavailableError(OSError):
 
 
 def as_dtype(dtype: Any) -> jnp.dtype:
-    """``"float32"``/``"bfloat16"`` or a dtype -> a jnp dtype (only those two are supported)."""
+    """``"float32"``/``"bfloat16"``/``"float16"`` or a dtype -> a jnp dtype (only those three
+    are supported: the frozen base and activations; trainable weights stay float32)."""
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}.")
         return jnp.dtype(_DTYPES[dtype])
     d = jnp.dtype(dtype)
-    if d not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        raise ValueError(f"dtype={d} is not supported; use float32 or bfloat16.")
+    if d not in {jnp.dtype(v) for v in _DTYPES.values()}:
+        raise ValueError(f"dtype={d} is not supported; use one of {sorted(_DTYPES)}.")
     return d
 
 
@@ -472,7 +473,7 @@ def from_pretrained(
       task: "classification" (``[batch, num_labels]``), "qa" (``[batch, seq, 2]``: start, end)
         or "causal_lm" (``[batch, seq, vocab]``; decoders).
       num_labels: classes for classification.
-      dtype: "float32"/"bfloat16" (or a dtype): storage of the frozen float weights and the
+      dtype: "float32"/"bfloat16"/"float16" (or a dtype): storage of the frozen float weights and the
         activation dtype. The head and PEFT weights stay float32.
       quant: "none", "int8" or "int4": weight-only quantised Linear kernels (frozen base).
         A GPTQ checkpoint (``quantization_config`` in config.json, or quantize_config.json) is
@@ -605,7 +606,7 @@ def make_split_model(
         or local directory;
         ``pretrained`` -- True: load the weights; False: random init from the config alone
         (registry hyper-parameters, no hub access for registry names);
-        ``dtype`` -- "float32" | "bfloat16" (frozen weights and activations);
+        ``dtype`` -- "float32" | "bfloat16" | "float16" (frozen weights and activations);
         ``quant`` -- "none" | "int8" | "int4" (weight-only quantised frozen Linear kernels);
         ``dropout`` -- overrides hidden and attention dropout (e.g. 0.1);
         ``overrides`` -- dict of HF-config overrides (e.g. to make a tiny model);
