@@ -86,7 +86,6 @@ def jax_row(name: str, method: str, batch: int, seq: int, warmup: int, iters: in
 
     from spry_jax import methods, models
     from spry_jax.bench import memory as bench_memory
-    from spry_jax.core import estimators
     from spry_jax.memory import flops
 
     model = models.make_split_model(
@@ -106,15 +105,7 @@ def jax_row(name: str, method: str, batch: int, seq: int, warmup: int, iters: in
     arrays = batch_arrays(models.load_config(name, prefer_registry=True).vocab_size, batch, seq)
     batches = {k: jnp.asarray(v)[None] for k, v in arrays.items()}
     batches["example_mask"] = jnp.ones((1, batch), jnp.float32)
-    args = (
-        model.trainable,
-        model.frozen,
-        {k: jnp.ones((), jnp.float32) for k in model.trainable},
-        batches,
-        jnp.ones((1,), jnp.float32),
-        jax.random.PRNGKey(0),
-        estimators.EstimatorInputs(step=jnp.zeros((), jnp.int32), guide=model.trainable),
-    )
+    args = bench_memory.real_step_arguments(model, batches)
     t0 = time.perf_counter()
     compiled = jax.jit(step).lower(*args).compile()
     compile_s = time.perf_counter() - t0

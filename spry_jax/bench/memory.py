@@ -341,6 +341,20 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def real_step_arguments(model: SplitModel, batches: dict[str, Any]) -> tuple:
+    """Concrete arguments of one client step (:func:`client_step_fn`) on ``batches``
+    (``[steps=1, batch, ...]``): every leaf in the client's slice, one real step, key 0."""
+    return (
+        model.trainable,
+        model.frozen,
+        {k: jnp.ones((), jnp.float32) for k in model.trainable},
+        batches,
+        jnp.ones((1,), jnp.float32),
+        jax.random.PRNGKey(0),
+        estimators.EstimatorInputs(step=jnp.zeros((), jnp.int32), guide=model.trainable),
+    )
+
+
 def measure_rss(name: str, method: str, batch: int = 8, seq: int = 64) -> dict[str, Any]:
     """Runs one real client step (real weights) and measures the rise of peak RSS over the
     resident memory just before it; call it in a fresh process (see :func:`validate`)."""
@@ -370,15 +384,7 @@ def measure_rss(name: str, method: str, batch: int = 8, seq: int = 64) -> dict[s
         for k, v in shapes[3].items()
     }
     batches["attention_mask"] = jnp.ones_like(batches["attention_mask"])
-    args = (
-        model.trainable,
-        model.frozen,
-        {k: jnp.ones((), jnp.float32) for k in model.trainable},
-        batches,
-        jnp.ones((1,), jnp.float32),
-        jax.random.PRNGKey(0),
-        estimators.EstimatorInputs(step=jnp.zeros((), jnp.int32), guide=model.trainable),
-    )
+    args = real_step_arguments(model, batches)
     compiled = jax.jit(step).lower(*args).compile()
     sizes = memory_lib.peak_bytes(compiled)
     jax.block_until_ready(args)
