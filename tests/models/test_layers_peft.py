@@ -313,5 +313,5 @@ def test_make_split_model_fields():
     assert not np.allclose(a, b)  # dropout 0.3 is active with a key
     with pytest.raises(ValueError, match="overrides\\['hiden_size'\\]"):
         _tiny("head", overrides={"hiden_size": 8})
-    with pytest.raises(ValueError, match="dtype='float16'"):
-        _tiny("head", dtype="float16")
+    with pytest.raises(ValueError, match="dtype='float64'"):
+        _tiny("head", dtype="float64")
