@@ -234,6 +234,7 @@ def check_variant(variant: str, known: tuple[str, ...] = ("", "local")) -> None:
         )
 
 
+# model.dtype: the frozen base and activations (spry_jax.models.loading.as_dtype reads these).
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 

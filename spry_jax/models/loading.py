@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spry_jax import config as config_lib
 from spry_jax.models import gptq as gptq_lib
 from spry_jax.models import layers, registry
 from spry_jax.models.layers import Linear
@@ -69,7 +70,8 @@ _DROPOUT_FIELDS = (
     "dropout",
     "attention_dropout",
 )
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# The names are declared once, with the config field they are checked against (model.dtype).
+_DTYPES = {name: jnp.dtype(name) for name in config_lib.MODEL_DTYPES}
 
 
 class HubUnavailableError(OSError):
@@ -84,7 +86,7 @@ def as_dtype(dtype: Any) -> jnp.dtype:
             raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}.")
         return jnp.dtype(_DTYPES[dtype])
     d = jnp.dtype(dtype)
-    if d not in {jnp.dtype(v) for v in _DTYPES.values()}:
+    if d not in _DTYPES.values():
         raise ValueError(f"dtype={d} is not supported; use one of {sorted(_DTYPES)}.")
     return d
 
@@ -631,7 +633,6 @@ def make_split_model(
     Returns:
       The :class:`spry_jax.types.SplitModel` (trainable = PEFT leaves + head, in model order).
     """
-    from spry_jax import config as config_lib  # local: the config is a leaf of the package
 
     model_cfg = config_lib.complete(model_cfg, "model")  # left-out fields: their declared default
     name = model_cfg.name
