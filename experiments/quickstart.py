@@ -50,6 +50,9 @@ def get_config():
     c.data.max_length = 32
     c.model.name = "minilm"
     c.model.pooling = "mean"
+    # the study's figures were measured with threefry dropout masks; "hash" (the default) runs
+    # the same local steps ~1.5x faster with other (equally distributed) masks
+    c.model.dropout_bits = "threefry"
     c.peft.lora_rank = 1
     c.peft.lora_alpha = 1.0
     c.peft.target_modules = ()  # every layer's query/value

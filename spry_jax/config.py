@@ -91,6 +91,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # frozen base and activations: "float32" | "bfloat16" | "float16"
     c.model.quant = "none"  # frozen Linear kernels: "none" | "int8" | "int4"
     c.model.dropout = 0.1  # model dropout (hidden and attention), active in training
+    # dropout masks' bits: "hash" (threefry's keys, hashed bits: fast) | "threefry" (JAX's
+    # default generator; what runs before this field existed used)
+    c.model.dropout_bits = "hash"
     c.model.pooling = "default"  # "default" (the family's head) | "mean"
     c.model.overrides = config_dict.placeholder(dict)  # HF config overrides (tiny models)
     c.model.tokenizer = ""  # tokenizer name/path; "" = the model's own
@@ -236,6 +239,7 @@ def check_variant(variant: str, known: tuple[str, ...] = ("", "local")) -> None:
 
 # model.dtype: the frozen base and activations (spry_jax.models.loading.as_dtype reads these).
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+DROPOUT_BITS = ("hash", "threefry")  # model.dropout_bits (spry_jax.models.random_bits)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -273,6 +277,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"model.dtype={config.model.dtype!r}; choose one of {MODEL_DTYPES} (the frozen base "
             "and activations; trainable weights, tangents and optimizer state stay float32)."
+        )
+    if config.model.dropout_bits not in DROPOUT_BITS:
+        raise ConfigError(
+            f"model.dropout_bits={config.model.dropout_bits!r}; choose one of {DROPOUT_BITS} "
+            '("hash": hashed mask bits, fast; "threefry": JAX\'s default generator).'
         )
     if config.client.lr <= 0:
         raise ConfigError(f"client.lr must be > 0, got {config.client.lr}")
@@ -465,10 +474,18 @@ def closest_fields(key: str, fields: list[str] | None = None, n: int = 3) -> lis
     return close[:n]
 
 
+# Fields added with a default that does *not* reproduce what earlier code did, and the value
+# that does: a record without the field describes a run with this value.
+LEGACY_VALUES = {"model.dropout_bits": "threefry"}
+
+
 def added_with_default(field: str, value: Any) -> bool:
-    """True if ``field`` (dotted) is declared in :func:`default_config` with ``value`` as its
-    default: a record written before the field existed then describes the same experiment (a
-    field is only ever added with the default that reproduces the old behaviour)."""
+    """True if a record written before ``field`` (dotted) existed describes the same experiment
+    as ``value``: ``value`` is the field's legacy value (:data:`LEGACY_VALUES`, for a field whose
+    default changed what runs do), or else its default in :func:`default_config` (a field
+    otherwise is only ever added with the default that reproduces the old behaviour)."""
+    if field in LEGACY_VALUES:
+        return value == LEGACY_VALUES[field]
     defaults = flatten(default_config().to_dict())
     if field not in defaults:
         return False

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import optax
 
+from spry_jax.models import random_bits
 from spry_jax.types import Array, Batch, PyTree, SplitModel, Trainable
 
 TASKS = ("classification", "qa", "causal_lm")
@@ -69,13 +70,22 @@ def apply_batch(
     )
 
 
-def make_loss_fn(model: SplitModel) -> Callable[[Trainable, PyTree, Batch, Array], Array]:
-    """``loss_fn(trainable, frozen, batch, dropout_rng) -> scalar`` for the model's task."""
+def make_loss_fn(
+    model: SplitModel, dropout_bits: str = "hash"
+) -> Callable[[Trainable, PyTree, Batch, Array], Array]:
+    """``loss_fn(trainable, frozen, batch, dropout_rng) -> scalar`` for the model's task.
+
+    ``dropout_bits`` (``model.dropout_bits``): how the dropout masks' bits are drawn from
+    ``dropout_rng`` -- ``"hash"`` (threefry's key derivation, hashed bulk bits: several times
+    cheaper) or ``"threefry"`` (:mod:`spry_jax.models.random_bits`).
+    """
     if model.task not in _LOSSES:
         raise ValueError(f"task={model.task!r} is unknown; choose one of {TASKS}.")
     task_loss = _LOSSES[model.task]
+    random_bits.check_dropout_bits(dropout_bits)
 
     def loss_fn(trainable: Trainable, frozen: PyTree, batch: Batch, dropout_rng: Array) -> Array:
-        return task_loss(apply_batch(model, trainable, frozen, batch, dropout_rng), batch)
+        rng = random_bits.dropout_key(dropout_rng, dropout_bits)
+        return task_loss(apply_batch(model, trainable, frozen, batch, rng), batch)
 
     return loss_fn

@@ -165,7 +165,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     elif backend == "vmap":
         num_slots = round_lib.padded_slots(num_slots, 1, chunk)
     spec = round_lib.RoundSpec(
-        loss_fn=tasks.make_loss_fn(model),
+        loss_fn=tasks.make_loss_fn(model, config.model.dropout_bits),
         estimator=parts.estimator,
         client_optimizer=parts.client_optimizer,
         server_optimizer=parts.server_optimizer,

@@ -183,3 +183,20 @@ def test_torch_step_script_times_both_sides_of_the_same_trainable_weights(tmp_pa
         "fedavg_ours_over_torch",
         "spry_over_backprop_ours",
     }
+
+
+def test_random_bits_bench_times_every_mask_scheme_of_the_same_step(capsys):
+    """The four builds differ only in their masks: same step, rows filled, shares computed from
+    the medians (the hashed masks' speed is a benchmark figure, not asserted here)."""
+    from spry_jax.bench import random_bits as bench_bits
+
+    (r,) = bench_bits.main(
+        ["--models=tiny-bert", "--methods=spry", "--batch=2", "--seq=8", "--warmup=1", "--iters=2"]
+    )
+    med = r["median_s"]
+    assert set(med) == {*bench_bits.ROWS, "tangent draw"}
+    assert all(len(r["times_s"][k]) == 2 for k in med)
+    floor = med["no dropout"]
+    assert r["mask_share"]["hash"] == (med["hash"] - floor) / med["hash"]
+    assert r["hash_over_threefry"] == med["hash"] / med["threefry"]
+    assert "| tiny-bert | spry |" in capsys.readouterr().out

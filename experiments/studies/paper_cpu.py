@@ -167,6 +167,7 @@ def get_study(variant: str = ""):
             "fwd.head": "joint",  # the paper's Spry; arms that differ say so
             "fwd.num_tangents": 1,
             "checkpoint_every": 5,
+            "model.dropout_bits": "hash",  # hashed dropout masks (the default; fast)
         },
         arms=arms,
         tune_seeds=(1,),

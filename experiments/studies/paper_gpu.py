@@ -93,6 +93,7 @@ def _offline():
             "data.val_fraction": 0.1,
             "clients_per_round": 20,
             "checkpoint_every": 20,
+            "model.dropout_bits": "hash",  # hashed dropout masks (the default; fast)
         },
         arms={
             "spry_exact": Arm(SPRY_EXACT, grid={"client.lr": [2e-3]}),

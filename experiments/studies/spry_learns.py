@@ -38,7 +38,8 @@ CHOSEN_LR = {"spry_exact": 4e-3, "head_exact": 6e-3, "fedavg": 1e-3}
 
 
 def get_study(variant: str = ""):
-    """``""``: the floor study (20 rounds, tuned, 3 seeds). ``long``: the same three arms at
+    """``""``: the floor study (20 rounds, tuned, 3 seeds). ``long_seeds``: ``long`` with
+    seeds 2 and 3, run from scratch. ``long``: the same three arms at
     their chosen learning rates, seed 1 only, continued to 60 rounds with every checkpoint
     kept -- the learning curves the floor's budget is extrapolated from. Its cells start
     from copies of the 20-round study's seed-1 cells (resuming is bit-identical: the server
@@ -54,8 +55,13 @@ def get_study(variant: str = ""):
     study = _floor_study()
     if variant == "":
         return study
-    if variant != "long":
-        raise ValueError(f"unknown spry_learns variant {variant!r}; choose '' or 'long'")
+    if variant not in ("long", "long_seeds"):
+        raise ValueError(
+            f"unknown spry_learns variant {variant!r}; choose '', 'long' or 'long_seeds'"
+        )
+    # ``long_seeds``: seeds 2 and 3 of the same 60-round runs, from scratch (a 60-round run
+    # equals a 20-round run continued, so these pair with ``long``'s seed 1).
+    seeds = (1,) if variant == "long" else (2, 3)
     arms = {
         name: Arm(arm.overrides, grid={"client.lr": [CHOSEN_LR[name]]})
         for name, arm in study.arms.items()
@@ -64,12 +70,12 @@ def get_study(variant: str = ""):
         base=study.base,
         overrides={**study.overrides, "keep_checkpoints": 100},
         arms=arms,
-        tune_seeds=(1,),
-        seeds=(1,),
+        tune_seeds=seeds,  # one point per arm: every seed is a tuning run, reused as final
+        seeds=seeds,
         rounds=60,
         pairs=study.pairs,
         claims=study.claims,
-        name="spry_learns:long",
+        name=f"spry_learns:{variant}",
     )
 
 
@@ -81,6 +87,9 @@ def _floor_study():
             "peft.lora_alpha": 1.0,
             "data.val_fraction": 0.1,
             "checkpoint_every": 5,
+            # the published runs drew their dropout masks with threefry (before the hashed
+            # masks became the default); kept so that every cell, old or new, is one experiment
+            "model.dropout_bits": "threefry",
         },
         arms={
             "spry_exact": Arm(

@@ -161,7 +161,11 @@ SCOPES = ("client_step", "estimator")
 
 
 def client_step_fn(
-    model: SplitModel, method: str, num_tangents: int = 1, scope: str = "client_step"
+    model: SplitModel,
+    method: str,
+    num_tangents: int = 1,
+    scope: str = "client_step",
+    dropout_bits: str = "hash",
 ):
     """``step(params, frozen, mask, batches, step_mask, key, inputs)``.
 
@@ -172,11 +176,12 @@ def client_step_fn(
     program a round runs) on one local step -- estimator and client optimizer, -> ClientResult.
     ``scope="estimator"``: the gradient estimator alone on the batch -> Estimate (the loss and
     the gradient estimate, e.g. one ``jvp`` for Spry, ``value_and_grad`` for FedAvg).
+    ``dropout_bits``: how the dropout masks are drawn (``model.dropout_bits``).
     """
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r}; choose one of {SCOPES}.")
     parts = methods.build_round_parts(method_config(method, num_tangents))
-    loss_fn = tasks.make_loss_fn(model)
+    loss_fn = tasks.make_loss_fn(model, dropout_bits)
     if scope == "client_step":
         return client_lib.make_client_update(loss_fn, parts.estimator, parts.client_optimizer)
 
