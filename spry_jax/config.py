@@ -164,6 +164,10 @@ def default_config() -> ml_collections.ConfigDict:
     # clients vmapped at once per device (a scan over chunks: peak memory grows with it, not
     # with clients_per_round); 0 = all of a device's clients at once. shard_map / vmap only.
     c.round.client_chunk = 0
+    # Spry's jvp only over the client's own layers (symbolic zeros below its lowest unit): "auto"
+    # where a client is traced alone (round.backend loop/debug, or round.client_chunk = 1) and
+    # the method splits forward gradients; "on" refuses a config where it cannot apply; "off".
+    c.round.static_tangents = "auto"
     c.eval_batch_size = 64  # evaluation batch size
     c.eval_all_clients = True  # after the last round: global model on every client's test split
     c.report = ml_collections.ConfigDict()
@@ -239,6 +243,7 @@ def check_variant(variant: str, known: tuple[str, ...] = ("", "local")) -> None:
 
 # model.dtype: the frozen base and activations (spry_jax.models.loading.as_dtype reads these).
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+STATIC_TANGENTS = ("auto", "on", "off")  # round.static_tangents (spry_jax.methods)
 DROPOUT_BITS = ("hash", "threefry")  # model.dropout_bits (spry_jax.models.random_bits)
 
 
@@ -277,6 +282,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"model.dtype={config.model.dtype!r}; choose one of {MODEL_DTYPES} (the frozen base "
             "and activations; trainable weights, tangents and optimizer state stay float32)."
+        )
+    if config.round.static_tangents not in STATIC_TANGENTS:
+        raise ConfigError(
+            f"round.static_tangents={config.round.static_tangents!r}; choose one of "
+            f"{STATIC_TANGENTS} (auto: where a client is traced alone)."
         )
     if config.model.dropout_bits not in DROPOUT_BITS:
         raise ConfigError(
@@ -476,7 +486,7 @@ def closest_fields(key: str, fields: list[str] | None = None, n: int = 3) -> lis
 
 # Fields added with a default that does *not* reproduce what earlier code did, and the value
 # that does: a record without the field describes a run with this value.
-LEGACY_VALUES = {"model.dropout_bits": "threefry"}
+LEGACY_VALUES = {"model.dropout_bits": "threefry", "round.static_tangents": "off"}
 
 
 def added_with_default(field: str, value: Any) -> bool:

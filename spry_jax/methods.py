@@ -20,6 +20,8 @@ import optax
 from spry_jax.core import client as client_lib
 from spry_jax.core import estimators, zero_order
 from spry_jax.core import server as server_lib
+from spry_jax.core import units as units_lib
+from spry_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +57,10 @@ LORA_A_MODES = ("perturb", "frozen")
 
 
 def _forward(
-    cfg: Any, head_keys: tuple[str, ...] = (), trainable_keys: tuple[str, ...] = ()
+    cfg: Any,
+    head_keys: tuple[str, ...] = (),
+    trainable_keys: tuple[str, ...] = (),
+    tangent_sets: tuple[tuple[str, ...], ...] = (),
 ) -> estimators.Estimator:
     lora_a = cfg.fwd.lora_a
     if lora_a not in LORA_A_MODES:
@@ -75,7 +80,44 @@ def _forward(
         head_tangents=cfg.fwd.head_tangents,
         distribution=cfg.fwd.tangents,
         frozen_keys=frozen,
+        tangent_sets=tangent_sets,
     )
+
+
+def static_tangents_blocker(cfg: Any) -> str | None:
+    """Why ``round.static_tangents`` cannot apply to ``cfg`` (None: it can).
+
+    It needs a method that splits forward gradients over the clients (a slot's units are then
+    fixed for the run) and a client traced alone (``round.backend`` loop or debug, or
+    ``round.client_chunk = 1``): under ``vmap`` the switch over the slots' leaf sets would run
+    every branch.
+    """
+    method = get_method(cfg.method)
+    if method.estimator != "forward":
+        return f"method={cfg.method!r} estimates no forward gradient"
+    if not method.split:
+        return f"method={cfg.method!r} perturbs every leaf on every client (no weight split)"
+    if cfg.round.backend not in ("loop", "debug") and cfg.round.client_chunk != 1:
+        return (
+            f"round.backend={cfg.round.backend!r} with round.client_chunk="
+            f"{cfg.round.client_chunk} vmaps the clients, so every branch would run; set "
+            "round.client_chunk=1 (or round.backend='loop')"
+        )
+    return None
+
+
+def static_tangent_sets(cfg: Any, units: units_lib.Units) -> tuple[tuple[str, ...], ...]:
+    """The leaf sets of ``round.static_tangents`` for ``cfg`` (``()``: off or not applicable
+    under ``auto``); ``on`` where it cannot apply is refused, naming the reason."""
+    mode = cfg.round.static_tangents
+    if mode == "off":
+        return ()
+    blocker = static_tangents_blocker(cfg)
+    if blocker and mode == "on":
+        raise ConfigError(f"round.static_tangents='on': {blocker}; or set it to 'auto'.")
+    if blocker:
+        return ()
+    return units_lib.tangent_sets(units, cfg.clients_per_round, estimators.layer_index)
 
 
 # Each builder takes the config and the model's head keys (only the forward estimator reads them).
@@ -246,12 +288,16 @@ def resolved_optimizers(cfg: Any) -> dict[str, Any]:
 
 
 def build_round_parts(
-    cfg: Any, head_keys: tuple[str, ...] = (), trainable_keys: tuple[str, ...] = ()
+    cfg: Any,
+    head_keys: tuple[str, ...] = (),
+    trainable_keys: tuple[str, ...] = (),
+    tangent_sets: tuple[tuple[str, ...], ...] = (),
 ) -> RoundParts:
     """Resolves the method row and the config into estimator and optimizers.
 
-    ``head_keys`` (``SplitModel.head_keys``) reach the forward estimator for ``fwd.head``, and
-    ``trainable_keys`` (the model's trainable leaves) for ``fwd.lora_a``.
+    ``head_keys`` (``SplitModel.head_keys``) reach the forward estimator for ``fwd.head``,
+    ``trainable_keys`` (the model's trainable leaves) for ``fwd.lora_a``, and ``tangent_sets``
+    (:func:`static_tangent_sets`) for ``round.static_tangents``.
     """
     method = get_method(cfg.method)
     if cfg.comm_mode not in method.comm_modes:
@@ -288,7 +334,7 @@ def build_round_parts(
         server_optimizer = server_lib.make_server_optimizer("fedavg", 1.0)
     return RoundParts(
         estimator=(
-            _forward(cfg, head_keys, trainable_keys)
+            _forward(cfg, head_keys, trainable_keys, tangent_sets)
             if method.estimator == "forward"
             else ESTIMATORS[method.estimator](cfg, head_keys)
         ),

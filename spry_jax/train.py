@@ -146,8 +146,6 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         raise
     except (OSError, ValueError) as e:  # an unknown name, missing files, a bad model value
         raise ConfigError(f"model.name={config.model.name!r}: {e}") from e
-    parts = methods.build_round_parts(config, model.head_keys, tuple(model.trainable))
-    evaluator = evaluation.make_evaluator(model, fed, config.eval_batch_size)
     units = units_lib.make_units(
         model.order,
         config.split.tensors_per_unit,
@@ -155,6 +153,13 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         config.split.classifier_share,
         peft_method=model.peft_method,
     )
+    parts = methods.build_round_parts(
+        config,
+        model.head_keys,
+        tuple(model.trainable),
+        methods.static_tangent_sets(config, units),
+    )
+    evaluator = evaluation.make_evaluator(model, fed, config.eval_batch_size)
     backend = config.round.backend
     mesh = None
     chunk = config.round.client_chunk

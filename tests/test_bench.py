@@ -200,3 +200,21 @@ def test_random_bits_bench_times_every_mask_scheme_of_the_same_step(capsys):
     assert r["mask_share"]["hash"] == (med["hash"] - floor) / med["hash"]
     assert r["hash_over_threefry"] == med["hash"] / med["threefry"]
     assert "| tiny-bert | spry |" in capsys.readouterr().out
+
+
+def test_static_tangents_bench_compares_each_slot_of_the_dealing(capsys):
+    """tiny BERT, M = 3 of G = 5 units: slots 0 and 1 hold a layer-0 unit (the full jvp), slot 2
+    only layer 1's query, so its branch costs fewer FLOPs; ratios from the medians."""
+    from spry_jax.bench import static_tangents as bench_static
+
+    r = bench_static.main(
+        ["--model=tiny-bert", "--clients=3", "--batch=2", "--seq=8", "--warmup=1", "--iters=2"]
+    )
+    assert (r["units"], r["branches"]) == (5, 3)
+    assert [s["lowest_layer"] for s in r["slots"]] == [0, 0, 1]
+    assert [s["flops_ratio"] for s in r["slots"]][:2] == [1.0, 1.0]
+    assert 0 < r["slots"][2]["flops_ratio"] < 0.9
+    for s in r["slots"]:
+        m = s["median_s"]
+        assert s["time_ratio"] == m["static"] / m["runtime mask"]
+    assert "| mean |" in capsys.readouterr().out

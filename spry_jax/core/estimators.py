@@ -27,6 +27,7 @@ Zero-order estimators live in :mod:`spry_jax.core.zero_order`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -178,6 +179,7 @@ def forward(
     head_tangents: int = 16,
     distribution: str = "gaussian",
     frozen_keys: tuple[str, ...] = (),
+    tangent_sets: tuple[tuple[str, ...], ...] = (),
 ) -> Estimator:
     """Forward-gradient estimator with K tangents on the client's units.
 
@@ -208,6 +210,16 @@ def forward(
         beyond the paper). While ``B = 0`` the loss does not depend on ``A`` to first order, so
         an ``A`` tangent adds only noise to every jvp; freezing ``A`` at its random
         initialisation halves a LoRA unit's perturbed dimension.
+      tangent_sets: static leaf sets the jvp may be restricted to (``round.static_tangents``,
+        :func:`spry_jax.core.units.tangent_sets`). The estimate is then a ``lax.switch`` over
+        them, the empty set first and every leaf last: the branch taken is the first set that
+        holds every leaf the runtime ``mask`` is non-zero on, and its jvp carries tangents
+        only on that set's leaves, the others closed over as constants (symbolic zeros, so the
+        layers below the set's lowest leaf run no tangent pass). The tangents drawn, the
+        jvps, the gradient and the loss are those of the unrestricted estimate (a leaf outside
+        the set has a zero mask, so a zero tangent there), up to floating-point summation
+        order. A saving only where a client is traced alone: under ``vmap`` the switch's index
+        is batched and every branch runs.
     """
     if num_tangents < 1:
         raise ValueError(f"fwd.num_tangents must be >= 1, got {num_tangents}")
@@ -240,13 +252,30 @@ def forward(
         f: LossClosure, params, mask, key, inputs: EstimatorInputs = NO_INPUTS
     ) -> Estimate:
         del inputs
-        # Tangents are drawn for every leaf (leaf index in sorted key order, as the server
-        # regenerates them); the head's are dropped when it is estimated on its own, and frozen
-        # leaves get none (their mask is zeroed here, so they are also not estimated).
+        # Frozen leaves get no tangent (their mask is zeroed here, so they are not estimated).
         if frozen:
             mask = {k: m * 0 if k in frozen else m for k, m in mask.items()}
+        if not tangent_sets:
+            return estimate_on(f, params, mask, key)
+        everything = tuple(sorted(params))
+        sets = [()] + [tuple(s) for s in tangent_sets if set(s) != set(everything)]
+        sets.append(everything)
+        covers = []  # per set: the mask is zero on every leaf outside it
+        for s in sets:
+            outside = [mask[k] == 0 for k in everything if k not in set(s)]
+            covers.append(jnp.all(jnp.stack(outside)) if outside else jnp.asarray(True))
+        index = jnp.argmax(jnp.stack(covers))  # the first covering set; the last always covers
+        branches = [functools.partial(estimate_on, f, within=frozenset(s)) for s in sets]
+        return jax.lax.switch(index, branches, params, mask, key)
+
+    def estimate_on(f, params, mask, key, within=None) -> Estimate:
+        # Tangents are drawn for every leaf (leaf index in sorted key order, as the server
+        # regenerates them); the head's are dropped when it is estimated on its own, and a
+        # static set (``within``) drops those outside it, whose mask is zero.
         tangents = draw_tangents(key, params, mask, num_tangents, sigma, distribution)
         held = head | frozen  # leaves held at their primal value in the K jvps
+        if within is not None:
+            held = held | (frozenset(params) - within)
         free = {k: v for k, v in params.items() if k not in held}
         fixed = {k: v for k, v in params.items() if k in held}
         if free:
@@ -256,8 +285,8 @@ def forward(
         else:  # head-only PEFT: no body tangents
             losses, jvps = f(params)[None], jnp.zeros((num_tangents,), jnp.float32)
             grad = {}
-        grad.update({k: jnp.zeros_like(params[k]) for k in frozen})
-        if head:
+        grad.update({k: jnp.zeros_like(params[k]) for k in held - head})
+        if head and (within is None or head & within):
             top = {k: v for k, v in params.items() if k in head}
             rest = {k: v for k, v in params.items() if k not in head}
             f_head = lambda h: f({**rest, **h})  # noqa: E731
@@ -269,6 +298,8 @@ def forward(
                 _, head_jvps = jvps_along(f_head, top, head_v)
                 head_grad = contract(head_jvps, head_v)
             grad.update({k: v * mask[k].astype(v.dtype) for k, v in head_grad.items()})
+        elif head:  # outside the static set: a zero mask, so a zero estimate
+            grad.update({k: jnp.zeros_like(params[k]) for k in head})
         # The reported loss is made to depend on the tangent result. Otherwise XLA, scheduling
         # from the outputs, may finish the whole primal pass (for the loss) before the tangent
         # pass and keep every activation and dequantised kernel alive for it -- backprop-sized

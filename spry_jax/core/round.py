@@ -335,9 +335,21 @@ def _vmap_clients(axis: str | None, chunk: int = 0) -> ClientMap:
     ``chunk = C > 0`` (``round.client_chunk``): a ``lax.scan`` over chunks of C slots, each
     chunk ``vmap``-ed, its sums added to a running total -- one chunk's activations are alive
     at a time, so the round's peak memory grows with C, not with the number of slots.
+    ``C = 1`` scans over the slots without ``vmap``: each client is traced alone, so a
+    ``lax.switch`` in its step (``round.static_tangents``) runs only the branch it takes.
     """
 
     def map_clients(fn: ClientFn, shared: Any, clients: ClientInputs):
+        if chunk == 1:
+
+            def one_client(total, client):
+                summed, per_client = fn(shared, client)
+                return jax.tree.map(jnp.add, total, summed), per_client
+
+            shapes = jax.eval_shape(lambda c: fn(shared, c)[0], _take(clients, 0))
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+            total, per_client = jax.lax.scan(one_client, zeros, clients)
+            return _psum(total, axis), per_client
         mapped = jax.vmap(fn, in_axes=(None, 0))
         slots = clients.step_mask.shape[0]  # this device's slots under shard_map
         if not chunk or chunk >= slots:

@@ -33,6 +33,7 @@ client has the same shapes and ``vmap`` applies.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -196,3 +197,30 @@ def full_masks(units: Units, num_clients: int, num_slots: int | None = None) -> 
     num_slots = num_clients if num_slots is None else num_slots
     real = jnp.concatenate([jnp.ones(num_clients), jnp.zeros(num_slots - num_clients)])
     return {k: real for k in units.keys}
+
+
+def tangent_sets(
+    units: Units, num_clients: int, layer_of: Callable[[str], int | None]
+) -> tuple[tuple[str, ...], ...]:
+    """The static leaf sets a slot's jvp can be restricted to (``round.static_tangents``).
+
+    The slot table (:func:`slot_table`) fixes each slot's units for the run; only the clients
+    are shuffled over the slots. A slot's tangent pass starts at its lowest leaf in model order,
+    so the useful static set of a slot is every leaf from the first leaf of that leaf's layer
+    (``layer_of``; a leaf with no layer starts its own) to the top. Slots whose lowest leaf is
+    in the same layer share one set, which bounds the sets by the layers (each set is one more
+    branch of the compiled step). Returns the distinct sets, smallest first, each in model order.
+    """
+    order = units.keys
+    start: dict[str, int] = {}  # per leaf: the position of the first leaf of its layer
+    first_of_layer: dict[int, int] = {}
+    for i, k in enumerate(order):
+        layer = layer_of(k)
+        start[k] = i if layer is None else first_of_layer.setdefault(layer, i)
+    shared = [k for k in order if units.unit_of_key[k] < 0]
+    cuts = set()
+    for row in slot_table(num_clients, units.num_units):
+        keys = [k for g in np.flatnonzero(row) for k in units.unit_members(int(g))] + shared
+        if keys:
+            cuts.add(min(start[k] for k in keys))
+    return tuple(order[p:] for p in sorted(cuts, reverse=True))
