@@ -282,8 +282,9 @@ def test_jvp_equals_grad_dot_tangent(mode):
         k: jax.random.normal(jax.random.key(100 + i), x.shape)
         for i, (k, x) in enumerate(tr.items())
     }
-    _, jvp = jax.jvp(loss, (tr,), (v,))
-    g = jax.grad(loss)(tr)
+    # Jitted: eagerly, every op of the tiny model is its own XLA compile (70 s on a cold cache).
+    _, jvp = jax.jit(lambda t, u: jax.jvp(loss, (t,), (u,)))(tr, v)
+    g = jax.jit(jax.grad(loss))(tr)
     dot = sum(jnp.vdot(g[k], v[k]) for k in tr)
     np.testing.assert_allclose(float(jvp), float(dot), rtol=1e-4, atol=1e-6)
 
