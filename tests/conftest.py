@@ -6,6 +6,8 @@ These must be set before JAX or transformers are imported anywhere in the sessio
 import os
 import tempfile
 
+from tests.xla_flags import with_fast_compile
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -21,11 +23,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     _flags += " --xla_force_host_platform_device_count=8"
-# Compile time is about two thirds of the suite on a fresh clone. The tests compare programs with
-# each other and with independent computations, never against the speed of the code, so LLVM's
-# optimisation level 0 and no expensive LLVM passes (XLA's HLO passes are unchanged) halve it:
-# tests/core/test_round.py cold, 2 workers, 261 s -> 131 s. Set XLA_FLAGS with an optimisation
-# level to test at another.
-if "xla_backend_optimization_level" not in _flags:
-    _flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# Fast compiles (tests/xla_flags.py); set XLA_FLAGS with an optimisation level to test at another.
+_flags = with_fast_compile(_flags)
 os.environ["XLA_FLAGS"] = _flags.strip()

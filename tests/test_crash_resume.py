@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.xla_flags import with_fast_compile
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [
     "--config=experiments/smoke.py",
@@ -18,7 +20,7 @@ ARGS = [
 
 
 def _run(workdir, fault=None):
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = {**os.environ, "XLA_FLAGS": with_fast_compile()}
     env.pop("SPRY_JAX_FAULT", None)
     if fault:
         env["SPRY_JAX_FAULT"] = fault

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+from tests.xla_flags import with_fast_compile
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (file, enclosing function) of every allowed torch import.
@@ -91,7 +93,7 @@ def test_only_the_opt_in_pickle_reader_imports_torch():
 
 
 def test_package_imports_and_runs_the_smoke_experiment_without_torch(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = {**os.environ, "XLA_FLAGS": with_fast_compile()}
     out = subprocess.run(
         [sys.executable, "-c", _NO_TORCH, str(tmp_path)],
         cwd=ROOT,

@@ -18,6 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.xla_flags import with_fast_compile
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = 3
 ARGS = [
@@ -38,7 +40,8 @@ def _free_port() -> int:
 
 
 def _env(devices: int, fault: str | None) -> dict[str, str]:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    flags = with_fast_compile(f"--xla_force_host_platform_device_count={devices}")
+    env = {**os.environ, "XLA_FLAGS": flags}
     env.pop("SPRY_JAX_FAULT", None)
     if fault:
         env["SPRY_JAX_FAULT"] = fault

@@ -18,6 +18,7 @@ from spry_jax.checkpoint import CheckpointMismatchError
 from spry_jax.core import client as C
 from spry_jax.core import estimators as E
 from spry_jax.core import round as R
+from tests.xla_flags import with_fast_compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +48,7 @@ def _strip_times(rec):
 
 def test_cli_runs_two_rounds_of_spry_and_writes_the_contract_files(tmp_path):
     workdir = tmp_path / "smoke"
-    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a user would run it
+    env = {**os.environ, "XLA_FLAGS": with_fast_compile()}  # one CPU device, as a user runs it
     cmd = [
         sys.executable,
         "-m",

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from spry_jax import tasks
+from tests.xla_flags import with_fast_compile
 
 SCRIPT = r"""
 import json, jax, jax.numpy as jnp, ml_collections
@@ -101,8 +102,9 @@ def _run(script: str) -> dict:
     # in LLVM).
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
-        " --xla_backend_optimization_level=0",
+        "XLA_FLAGS": with_fast_compile(
+            "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+        ),
     }
     res = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600

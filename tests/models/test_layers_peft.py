@@ -13,6 +13,7 @@ from flax import nnx
 
 from spry_jax import models
 from spry_jax.models import layers, peft, quant
+from tests.xla_flags import with_fast_compile
 
 H, FF, L = 32, 64, 3  # tiny-bert: hidden 32, intermediate 64; 3 labels
 
@@ -106,7 +107,8 @@ def test_quantized_jvp_does_not_hold_all_float_weights():
     """With XLA's memory-optimising CPU scheduler (how the benchmarks measure memory), the temp
     memory of a jvp step with a quantised base stays near one layer's float kernel (1 MiB here),
     far below the float32 size of all kernels (18 MiB): each layer dequantises its own kernel."""
-    env = dict(os.environ, XLA_FLAGS="--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
+    flags = with_fast_compile("--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
+    env = dict(os.environ, XLA_FLAGS=flags)
     out = subprocess.run(
         [sys.executable, "-c", _MEMORY_PROBE], env=env, capture_output=True, text=True, check=True
     )

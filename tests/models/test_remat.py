@@ -25,10 +25,9 @@ from spry_jax import methods, models
 from spry_jax.config import default_config
 from spry_jax.memory import peak_bytes
 from spry_jax.models import layers
+from tests.xla_flags import with_fast_compile
 
-# The memory figures are XLA's buffer assignment, fixed before LLVM runs; optimisation level 0
-# compiles faster and leaves them unchanged (as tests/core/test_client_memory.py found).
-_FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED --xla_backend_optimization_level=0"
+_FLAG = with_fast_compile("--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
