@@ -57,7 +57,7 @@ def bert():
         for i, (k, v) in enumerate(sorted(model.trainable.items()))
     }
     f = _loss_closure(model)
-    return model, params, f, jax.value_and_grad(f)(params)
+    return model, params, f, jax.jit(jax.value_and_grad(f))(params)  # jitted: one compile
 
 
 def _loss_closure(model):

@@ -248,22 +248,26 @@ def test_split_apply_matches_module_and_vmaps_over_clients():
     models.apply_peft(model, {"method": "lora", "lora_rank": 2, "lora_dropout": 0.1})
     split = models.split_model(model, {"method": "lora"})
     ids, mask = _batch()
+    # Everything jitted: eagerly, every op of the model is its own XLA compile (a cold cache).
+    apply = jax.jit(split.apply_fn)
+    ref = nnx.jit(lambda m: m(ids, mask))(model)
     np.testing.assert_allclose(
-        jax.jit(split.apply_fn)(split.trainable, split.frozen, ids, mask),
-        model(ids, mask),
+        apply(split.trainable, split.frozen, ids, mask),
+        ref,
         rtol=1e-6,
         atol=1e-6,
     )
     # Dropout: a key makes it stochastic and reproducible; None is deterministic.
     k1, k2 = jax.random.key(1), jax.random.key(2)
-    a = split.apply_fn(split.trainable, split.frozen, ids, mask, k1)
-    np.testing.assert_array_equal(a, split.apply_fn(split.trainable, split.frozen, ids, mask, k1))
-    assert not np.allclose(a, split.apply_fn(split.trainable, split.frozen, ids, mask, k2))
+    a = apply(split.trainable, split.frozen, ids, mask, k1)
+    np.testing.assert_array_equal(a, apply(split.trainable, split.frozen, ids, mask, k1))
+    assert not np.allclose(a, apply(split.trainable, split.frozen, ids, mask, k2))
     # A client axis on the trainable weights.
     stacked = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), split.trainable)
-    out = jax.vmap(split.apply_fn, in_axes=(0, None, None, None))(stacked, split.frozen, ids, mask)
+    vmapped = jax.jit(jax.vmap(split.apply_fn, in_axes=(0, None, None, None)))
+    out = vmapped(stacked, split.frozen, ids, mask)
     assert out.shape == (2, 3, L)
-    np.testing.assert_allclose(out[0], model(ids, mask), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out[0], ref, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["none", "int4"])
