@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 
@@ -12,6 +14,8 @@ import numpy as np
 from spry_jax import models
 from spry_jax.bench import fidelity, memory, throughput
 from spry_jax.core import units as units_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROW_FIELDS = {
     "model", "method", "batch", "seq", "base_dtype", "peak_bytes", "argument_bytes",
@@ -218,3 +222,42 @@ def test_static_tangents_bench_compares_each_slot_of_the_dealing(capsys):
         m = s["median_s"]
         assert s["time_ratio"] == m["static"] / m["runtime mask"]
     assert "| mean |" in capsys.readouterr().out
+
+
+def test_device_step_bench_runs_each_row_in_its_own_process_on_random_weights(capsys):
+    """The GPU script's step rows, on the CPU with the tiny BERT: every row times a real step on
+    weights drawn from the model's shapes; a CPU has no device peak, so host RSS is reported and
+    labelled; XLA's estimate of the same step sits beside it."""
+    from spry_jax.bench import device_step
+
+    rows = device_step.main(
+        ["--models=tiny-bert", "--methods=spry,fedavg", "--dtype=float32", "--batch=2", "--seq=8"]
+        + ["--warmup=1", "--iters=2"]
+    )
+    assert [(r["model"], r["method"]) for r in rows] == [
+        ("tiny-bert", "spry"),
+        ("tiny-bert", "fedavg"),
+    ]
+    for r in rows:
+        assert len(r["times_s"]) == 2 and r["step_ms"] > 0 and r["xla_peak_bytes"] > 0
+        assert r["measured"] == "host RSS" and r["measured_peak_bytes"] is None
+        assert r["host_rss_bytes"] > 0
+    assert "(host RSS)" in capsys.readouterr().out
+    # Random weights follow the shapes and dtypes; integer codes use every bit pattern.
+    tree = {
+        "w": jax.ShapeDtypeStruct((64, 8), jnp.bfloat16),
+        "codes": jax.ShapeDtypeStruct((4096,), jnp.uint8),
+    }
+    drawn = device_step.random_like(tree, jax.random.PRNGKey(0))
+    assert drawn["w"].dtype == jnp.bfloat16 and drawn["w"].shape == (64, 8)
+    assert 0.01 < float(jnp.std(drawn["w"].astype(jnp.float32))) < 0.03
+    assert len(np.unique(np.asarray(drawn["codes"]))) == 256
+
+
+def test_gpu_bench_script_is_valid_bash_and_calls_existing_benchmarks():
+    script = os.path.join(ROOT, "scripts", "gpu_bench.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    text = open(script).read()
+    for module in ("spry_jax.bench.throughput", "spry_jax.bench.device_step"):
+        assert f"python -m {module}" in text
+        assert importlib.util.find_spec(module) is not None

@@ -114,6 +114,7 @@ def abstract_split_model(
     remat: str = "none",
     lazy_dequant: bool = False,
     cut_cotangents: bool = False,
+    dtype: str = "float32",
 ) -> SplitModel:
     """A :class:`SplitModel` whose ``trainable`` and ``frozen`` are ``jax.ShapeDtypeStruct``.
 
@@ -121,7 +122,8 @@ def abstract_split_model(
     ``jax.eval_shape``, so no weight is allocated; ``apply_fn`` keeps only the graph and leaf
     shapes, and is called on real or abstract arrays alike. ``remat``, ``lazy_dequant`` and ``cut_cotangents`` are
     the build options of :func:`spry_jax.models.make_split_model` (a method's come from
-    :func:`spry_jax.methods.model_options`).
+    :func:`spry_jax.methods.model_options`); ``dtype`` is ``model.dtype`` (frozen float weights
+    and activations; the trainable leaves stay float32).
     """
     peft_cfg = dict(
         method="lora", lora_rank=1, lora_alpha=1.0, lora_dropout=dropout, target_modules=[]
@@ -134,7 +136,7 @@ def abstract_split_model(
             config,
             task=setting.task,
             num_labels=setting.num_labels,
-            dtype=jnp.float32,
+            dtype=dtype,
             quant=setting.quant,
         )
         models.apply_peft(model, peft_cfg)
