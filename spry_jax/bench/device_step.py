@@ -3,8 +3,8 @@
 The memory table (:mod:`spry_jax.bench.memory`) reports XLA's estimate from shapes alone. This
 benchmark runs the step: the model of a registry name is built from shapes, its weights are
 drawn on the device at random (no download, no host copy of a 7B model: floating leaves
-``N(0, 0.02^2)`` in their dtype, integer leaves -- quantised codes -- uniform over their dtype,
-scales positive), and the jitted client update of one local step (the program a round runs per
+``N(0, 0.02^2)`` in their dtype, integer leaves -- quantised codes -- uniform bits of their
+width), and the jitted client update of one local step (the program a round runs per
 client: the method's estimator and client optimizer, :func:`spry_jax.bench.memory.client_step_fn`)
 is timed (median after warm-ups). Each (model, method) row runs in its own process, so the
 device's ``memory_stats()["peak_bytes_in_use"]`` is that row's peak (weights, optimizer state,
@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
@@ -96,7 +97,6 @@ def measure_row(
     from spry_jax import memory as memory_lib
     from spry_jax import methods, models
     from spry_jax.bench import memory as bench_memory
-    from spry_jax.core import estimators
 
     setting = bench_memory.setting_for(name, batch, seq, quant)
     model = bench_memory.abstract_split_model(
@@ -109,18 +109,13 @@ def measure_row(
     compile_s = time.perf_counter() - t0
     xla = memory_lib.peak_bytes(compiled)["peak_bytes"]
     key = jax.random.PRNGKey(0)
-    trainable = random_like(model.trainable, jax.random.fold_in(key, 0))
-    frozen = random_like(model.frozen, jax.random.fold_in(key, 1))
-    vocab = models.load_config(name, overrides, prefer_registry=True).vocab_size
-    args = (
-        trainable,
-        frozen,
-        {k: jnp.ones((), jnp.float32) for k in trainable},
-        concrete_batch(abstract[3], vocab),
-        jnp.ones((1,), jnp.float32),
-        jax.random.PRNGKey(1),
-        estimators.EstimatorInputs(step=jnp.zeros((), jnp.int32), guide=trainable),
+    drawn = dataclasses.replace(
+        model,
+        trainable=random_like(model.trainable, jax.random.fold_in(key, 0)),
+        frozen=random_like(model.frozen, jax.random.fold_in(key, 1)),
     )
+    vocab = models.load_config(name, overrides, prefer_registry=True).vocab_size
+    args = bench_memory.real_step_arguments(drawn, concrete_batch(abstract[3], vocab))
     for _ in range(warmup):
         jax.block_until_ready(compiled(*args))
     times = []

@@ -33,14 +33,6 @@ import numpy as np  # noqa: E402
 DROPOUT = 0.1
 
 
-def _branch_index(sets: list[tuple[str, ...]], mask: dict) -> int:
-    """The branch :func:`spry_jax.core.estimators.forward` takes for ``mask`` (host side)."""
-    for i, s in enumerate(sets):
-        if all(float(m) == 0 for k, m in mask.items() if k not in set(s)):
-            return i
-    raise AssertionError("the full set covers every mask")
-
-
 def branch_flops(estimate, f, params, mask, key) -> list[float]:
     """XLA's FLOP count of each branch of ``estimate``'s switch (from its jaxpr)."""
     jaxpr = jax.make_jaxpr(lambda p, m, k: estimate(f, p, m, k))(params, mask, key)
@@ -64,8 +56,7 @@ def measure(name: str, clients: int, batch: int, seq: int, warmup: int, iters: i
     model = _model(name, "spry", DROPOUT)
     units = units_lib.make_units(model.order, 2, model.head_keys, peft_method="lora")
     sets = units_lib.tangent_sets(units, clients, E.layer_index)
-    everything = tuple(sorted(model.trainable))
-    branches = [(), *[s for s in sets if set(s) != set(everything)], everything]
+    branches = E.switch_sets(sets, model.trainable)
     batches = _batches(models.load_config(name, prefer_registry=True).vocab_size, batch, seq)
     args = bench_memory.real_step_arguments(model, batches)
     loss_fn = tasks.make_loss_fn(model, "hash")
@@ -88,7 +79,7 @@ def measure(name: str, clients: int, batch: int, seq: int, warmup: int, iters: i
             {tag: (fn, slot_args) for tag, fn in steps.items()}, warmup, iters
         )
         med = {k: statistics.median(v) for k, v in times.items()}
-        b = _branch_index(branches, mask)
+        b = int(E.covering_branch(branches, mask))
         layers = [E.layer_index(k) for k in keys if E.layer_index(k) is not None]
         rows.append(
             {

@@ -140,6 +140,25 @@ def reconstruct_gradient(
     return contract(jvps, tangents)
 
 
+def switch_sets(tangent_sets: tuple[tuple[str, ...], ...], keys) -> list[tuple[str, ...]]:
+    """The branches of :func:`forward`'s switch over ``tangent_sets``: the empty set first,
+    then the given sets (smallest first), every leaf of ``keys`` last."""
+    everything = tuple(sorted(keys))
+    inner = [tuple(s) for s in tangent_sets if set(s) != set(everything)]
+    return [(), *inner, everything]
+
+
+def covering_branch(sets: list[tuple[str, ...]], mask: Trainable) -> Array:
+    """The first of ``sets`` outside which ``mask`` is zero (the last set, every leaf, always
+    covers): the branch :func:`forward` takes for ``mask``."""
+    covers = []
+    for s in sets:
+        inside = set(s)
+        outside = [mask[k] == 0 for k in sorted(mask) if k not in inside]
+        covers.append(jnp.all(jnp.stack(outside)) if outside else jnp.asarray(True))
+    return jnp.argmax(jnp.stack(covers))
+
+
 def backprop(remat: bool = False) -> Estimator:
     """Exact gradient by reverse mode, masked to the client's units.
 
@@ -257,16 +276,9 @@ def forward(
             mask = {k: m * 0 if k in frozen else m for k, m in mask.items()}
         if not tangent_sets:
             return estimate_on(f, params, mask, key)
-        everything = tuple(sorted(params))
-        sets = [()] + [tuple(s) for s in tangent_sets if set(s) != set(everything)]
-        sets.append(everything)
-        covers = []  # per set: the mask is zero on every leaf outside it
-        for s in sets:
-            outside = [mask[k] == 0 for k in everything if k not in set(s)]
-            covers.append(jnp.all(jnp.stack(outside)) if outside else jnp.asarray(True))
-        index = jnp.argmax(jnp.stack(covers))  # the first covering set; the last always covers
+        sets = switch_sets(tangent_sets, params)
         branches = [functools.partial(estimate_on, f, within=frozenset(s)) for s in sets]
-        return jax.lax.switch(index, branches, params, mask, key)
+        return jax.lax.switch(covering_branch(sets, mask), branches, params, mask, key)
 
     def estimate_on(f, params, mask, key, within=None) -> Estimate:
         # Tangents are drawn for every leaf (leaf index in sorted key order, as the server

@@ -340,31 +340,30 @@ def _vmap_clients(axis: str | None, chunk: int = 0) -> ClientMap:
     """
 
     def map_clients(fn: ClientFn, shared: Any, clients: ClientInputs):
-        if chunk == 1:
-
-            def one_client(total, client):
-                summed, per_client = fn(shared, client)
-                return jax.tree.map(jnp.add, total, summed), per_client
-
-            shapes = jax.eval_shape(lambda c: fn(shared, c)[0], _take(clients, 0))
-            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-            total, per_client = jax.lax.scan(one_client, zeros, clients)
-            return _psum(total, axis), per_client
         mapped = jax.vmap(fn, in_axes=(None, 0))
         slots = clients.step_mask.shape[0]  # this device's slots under shard_map
-        if not chunk or chunk >= slots:
+        if not chunk or (chunk > 1 and chunk >= slots):
             summed, per_client = mapped(shared, clients)
             return _psum(_tree_sum0(summed), axis), per_client
-        chunks = jax.tree.map(lambda x: x.reshape((slots // chunk, chunk, *x.shape[1:])), clients)
+        if chunk == 1:  # one client per scan step, not vmapped
+            part, xs = fn, clients
+        else:
 
-        def one_chunk(total, chunk_clients):
-            summed, per_client = mapped(shared, chunk_clients)
-            return jax.tree.map(jnp.add, total, _tree_sum0(summed)), per_client
+            def part(shared, chunk_clients):
+                summed, per_client = mapped(shared, chunk_clients)
+                return _tree_sum0(summed), per_client
 
-        shapes = jax.eval_shape(lambda c: _tree_sum0(mapped(shared, c)[0]), _take(chunks, 0))
+            xs = jax.tree.map(lambda x: x.reshape((slots // chunk, chunk, *x.shape[1:])), clients)
+
+        def one_step(total, step_clients):
+            summed, per_client = part(shared, step_clients)
+            return jax.tree.map(jnp.add, total, summed), per_client
+
+        shapes = jax.eval_shape(lambda c: part(shared, c)[0], _take(xs, 0))
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-        total, per_client = jax.lax.scan(one_chunk, zeros, chunks)
-        per_client = jax.tree.map(lambda x: x.reshape((slots, *x.shape[2:])), per_client)
+        total, per_client = jax.lax.scan(one_step, zeros, xs)
+        if chunk > 1:
+            per_client = jax.tree.map(lambda x: x.reshape((slots, *x.shape[2:])), per_client)
         return _psum(total, axis), per_client
 
     return map_clients

@@ -16,6 +16,8 @@ from spry_jax.core import units as U
 from spry_jax.errors import ConfigError
 from tests.core.test_round import _batches, _spec
 from tests.core.toy import make_toy_batches, make_toy_model
+from tests.test_methods import _loss_closure
+from tests.test_train import _smoke
 
 TOY_ORDER = ("l0/lora_a", "l0/lora_b", "l1/lora_a", "l1/lora_b", "head/kernel", "head/bias")
 TOY_LAYER = {"l0/lora_a": 0, "l0/lora_b": 0, "l1/lora_a": 1, "l1/lora_b": 1}
@@ -109,15 +111,7 @@ def test_branches_carry_no_tangent_below_the_lowest_layer():
     units = U.make_units(model.order, 2, model.head_keys, peft_method="lora")
     sets = U.tangent_sets(units, units.num_units, E.layer_index)
     assert len(sets) == 3 and sets[-1] == model.order  # head, from layer 1, everything
-    rng = np.random.default_rng(0)
-    batch = {
-        "input_ids": jnp.asarray(rng.integers(4, 128, (4, 16)), jnp.int32),
-        "attention_mask": jnp.ones((4, 16), jnp.int32),
-        "labels": jnp.asarray([0, 1, 1, 0], jnp.int32),
-        "example_mask": jnp.ones((4,), jnp.float32),
-    }
-    loss_fn = tasks.make_loss_fn(model)
-    f = lambda p: loss_fn(p, model.frozen, batch, jax.random.PRNGKey(0))  # noqa: E731
+    f = _loss_closure(model)
     mask = {k: jnp.float32(1) for k in model.trainable}
     empty, head, upper, full = branch_flops(
         E.forward(1, tangent_sets=sets), f, model.trainable, mask, jax.random.PRNGKey(1)
@@ -178,37 +172,29 @@ def test_loop_backend_with_static_tangents_gives_the_same_numbers():
     np.testing.assert_allclose(got["train/loss"], ref["train/loss"], rtol=1e-6)
 
 
-def _cfg(**overrides):
-    cfg = smoke.get_config()
-    for k, v in overrides.items():
-        node = cfg
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return cfg
-
-
 def test_config_resolution_and_refusals():
     units = _toy_units()
     # auto: on where a client is traced alone and the method splits forward gradients.
-    assert methods.static_tangent_sets(_cfg(), units) == ()  # shard_map, all slots vmapped
-    auto = methods.static_tangent_sets(_cfg(**{"round.client_chunk": 1}), units)
+    sharded = {"round.backend": "shard_map"}  # the default backend, all slots vmapped
+    assert methods.static_tangent_sets(_smoke(**sharded), units) == ()
+    assert methods.static_tangent_sets(_smoke(), units) == ()  # vmap, all slots at once
+    auto = methods.static_tangent_sets(_smoke(**{"round.client_chunk": 1}), units)
     assert auto == U.tangent_sets(units, 4, E.layer_index) and auto
-    assert methods.static_tangent_sets(_cfg(**{"round.backend": "loop"}), units) == auto
+    assert methods.static_tangent_sets(_smoke(**{"round.backend": "loop"}), units) == auto
     assert (
-        methods.static_tangent_sets(_cfg(method="fedavg", **{"round.backend": "loop"}), units) == ()
+        methods.static_tangent_sets(_smoke(method="fedavg", **{"round.backend": "loop"}), units)
+        == ()
     )
-    off = _cfg(**{"round.client_chunk": 1, "round.static_tangents": "off"})
+    off = _smoke(**{"round.client_chunk": 1, "round.static_tangents": "off"})
     assert methods.static_tangent_sets(off, units) == ()
     # on, where it cannot apply: refused naming the field and the fix.
     with pytest.raises(ConfigError, match=r"round.static_tangents='on'.*round.client_chunk=1"):
-        methods.static_tangent_sets(_cfg(**{"round.static_tangents": "on"}), units)
-    on_fedfgd = _cfg(method="fedfgd", **{"round.static_tangents": "on", "round.backend": "loop"})
+        methods.static_tangent_sets(_smoke(**sharded, **{"round.static_tangents": "on"}), units)
+    on_fedfgd = _smoke(method="fedfgd", **{"round.static_tangents": "on", "round.backend": "loop"})
     with pytest.raises(ConfigError, match="no weight split"):
         methods.static_tangent_sets(on_fedfgd, units)
     with pytest.raises(ConfigError, match="round.static_tangents='sometimes'"):
-        config_lib.validate(_cfg(**{"round.static_tangents": "sometimes"}))
+        config_lib.validate(_smoke(**{"round.static_tangents": "sometimes"}))
     # Records written before the field ran the runtime-mask path.
     assert config_lib.added_with_default("round.static_tangents", "off")
     assert not config_lib.added_with_default("round.static_tangents", "auto")
@@ -225,7 +211,7 @@ def test_training_with_static_tangents_matches_the_runtime_mask_run(tmp_path, mo
     )
     summaries = {}
     for mode in ("auto", "off"):
-        cfg = _cfg(
+        cfg = _smoke(
             rounds=1,
             eval_all_clients=False,
             **{"round.backend": "vmap", "round.client_chunk": 1, "round.static_tangents": mode},
