@@ -26,3 +26,29 @@ if "xla_force_host_platform_device_count" not in _flags:
 # Fast compiles (tests/xla_flags.py); set XLA_FLAGS with an optimisation level to test at another.
 _flags = with_fast_compile(_flags)
 os.environ["XLA_FLAGS"] = _flags.strip()
+
+# Test files heaviest first (worker-seconds of the whole suite on the 2-core CI machine,
+# `python -m pytest -q -n auto tests --junitxml=...`, summed per file). pyproject.toml's
+# `--dist=loadfile` keeps a file on one worker, so a module fixture (the multi-process
+# reference runs, the remat memory subprocess, the study run) is built once, not once per
+# worker; starting the longest files first keeps both workers busy to the end.
+_HEAVY_FIRST = (
+    "tests/test_multihost.py",
+    "tests/core/test_round.py",
+    "tests/test_train.py",
+    "tests/test_methods.py",
+    "tests/test_study.py",
+    "tests/test_bench.py",
+    "tests/test_faults.py",
+    "tests/core/test_static_tangents.py",
+    "tests/models/test_layers_peft.py",
+    "tests/models/test_quant_backprop.py",
+    "tests/test_crash_resume.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(_HEAVY_FIRST)}
+    # A stable sort: the listed files first, in that order; every other file after them in
+    # collection order; the tests inside a file keep their order.
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
