@@ -33,17 +33,22 @@ os.environ["XLA_FLAGS"] = _flags.strip()
 # reference runs, the remat memory subprocess, the study run) is built once, not once per
 # worker; starting the longest files first keeps both workers busy to the end.
 _HEAVY_FIRST = (
-    "tests/test_multihost.py",
-    "tests/core/test_round.py",
     "tests/test_train.py",
+    "tests/core/test_round.py",
+    "tests/test_multihost.py",
     "tests/test_methods.py",
-    "tests/test_study.py",
     "tests/test_bench.py",
-    "tests/test_faults.py",
+    "tests/test_study.py",
+    "tests/models/test_decoders.py",
+    "tests/models/test_gguf.py",
+    "tests/core/test_estimators.py",
+    "tests/models/test_gptq.py",
+    "tests/models/test_encoders.py",
     "tests/core/test_static_tangents.py",
-    "tests/models/test_layers_peft.py",
-    "tests/models/test_quant_backprop.py",
     "tests/test_crash_resume.py",
+    "tests/models/test_minilm.py",
+    "tests/models/test_layers_peft.py",
+    "tests/core/test_client_memory.py",
 )
 
 
