@@ -254,10 +254,34 @@ def test_device_step_bench_runs_each_row_in_its_own_process_on_random_weights(ca
     assert len(np.unique(np.asarray(drawn["codes"]))) == 256
 
 
+def test_device_round_bench_chunks_the_round_and_keeps_its_numbers(capsys):
+    """The GPU script's chunked-round rows, on the CPU with the tiny BERT: each (M, C) row runs a
+    whole round in its own process; chunking changes the program, not the round's numbers."""
+    from spry_jax.bench import device_round
+
+    rows = device_round.main(
+        ["--model=tiny-bert", "--clients=4", "--chunks=0,2", "--dtype=float32"]
+        + ["--batch=2", "--seq=8", "--steps=2", "--repeats=1"]
+    )
+    assert [(r["M"], r["C"]) for r in rows] == [(4, 0), (4, 2)]
+    for r in rows:
+        assert r["steps"] == 2 and r["batch"] == 2 and r["seq"] == 8
+        assert len(r["times_s"]) == 1 and r["round_s"] > 0 and r["xla_peak_bytes"] > 0
+        assert r["measured"] == "host RSS" and r["measured_peak_bytes"] is None
+        assert np.isfinite(r["train_loss"])
+    np.testing.assert_allclose(rows[1]["train_loss"], rows[0]["train_loss"], rtol=1e-5)
+    out = capsys.readouterr().out
+    assert "| all |" in out and "| 2 |" in out and "(host RSS)" in out
+
+
 def test_gpu_bench_script_is_valid_bash_and_calls_existing_benchmarks():
     script = os.path.join(ROOT, "scripts", "gpu_bench.sh")
     subprocess.run(["bash", "-n", script], check=True)
     text = open(script).read()
-    for module in ("spry_jax.bench.throughput", "spry_jax.bench.device_step"):
+    for module in (
+        "spry_jax.bench.throughput",
+        "spry_jax.bench.device_step",
+        "spry_jax.bench.device_round",
+    ):
         assert f"python -m {module}" in text
         assert importlib.util.find_spec(module) is not None
