@@ -26,7 +26,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
@@ -34,8 +33,7 @@ from typing import Any  # noqa: E402
 import jax  # noqa: E402
 
 from spry_jax.bench import run_row  # noqa: E402
-
-GiB = 2**30
+from spry_jax.bench.device_step import GiB, measured_cell, measured_memory  # noqa: E402
 
 
 def round_config(
@@ -104,8 +102,6 @@ def measure_row(config, repeats: int) -> dict[str, Any]:
         state, metrics = compiled(state, frozen, batches)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
-    device = jax.local_devices()[0]
-    measured = (device.memory_stats() or {}).get("peak_bytes_in_use")
     round_s = statistics.median(times)
     return {
         "model": config.model.name,
@@ -116,7 +112,6 @@ def measure_row(config, repeats: int) -> dict[str, Any]:
         "batch": int(config.client.batch_size),
         "seq": int(config.data.max_length),
         "dtype": config.model.dtype,
-        "device": f"{device.platform}:{device.device_kind}",
         "compile_s": compile_s,
         "first_round_s": first_s,
         "round_s": round_s,
@@ -124,9 +119,7 @@ def measure_row(config, repeats: int) -> dict[str, Any]:
         "clients_per_s": config.clients_per_round / round_s,
         "train_loss": float(metrics["train/loss"]),
         "xla_peak_bytes": int(xla),
-        "measured_peak_bytes": int(measured) if measured is not None else None,
-        "measured": "device peak_bytes_in_use" if measured is not None else "host RSS",
-        "host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        **measured_memory(),
     }
 
 
@@ -150,15 +143,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        peak = r["measured_peak_bytes"]
-        shown = (
-            f"{peak / GiB:.2f}"
-            if peak is not None
-            else f"{r['host_rss_bytes'] / GiB:.2f} (host RSS)"
-        )
         lines.append(
             f"| {r['model']} | {r['method']} | {r['M']} | {r['C'] or 'all'} | {r['dtype']} "
-            f"| {r['round_s']:.3f} | {r['clients_per_s']:.1f} | {shown} "
+            f"| {r['round_s']:.3f} | {r['clients_per_s']:.1f} | {measured_cell(r)} "
             f"| {r['xla_peak_bytes'] / GiB:.2f} | {r['compile_s']:.1f} |"
         )
     return "\n".join(lines)

@@ -123,9 +123,6 @@ def measure_row(
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
-    device = jax.local_devices()[0]
-    stats = device.memory_stats() or {}
-    measured = stats.get("peak_bytes_in_use")
     return {
         "model": name,
         "method": method,
@@ -133,15 +130,34 @@ def measure_row(
         "seq": setting.seq,
         "base": setting.quant,
         "dtype": dtype,
-        "device": f"{device.platform}:{device.device_kind}",
         "step_ms": 1e3 * statistics.median(times),
         "times_s": times,
         "compile_s": compile_s,
         "xla_peak_bytes": int(xla),
+        **measured_memory(),
+    }
+
+
+def measured_memory() -> dict[str, Any]:
+    """This process's measured peak so far: the first local device's
+    ``memory_stats()["peak_bytes_in_use"]`` where it has one, else ``None`` with the host's
+    peak RSS (``ru_maxrss``) as the labelled stand-in (a CPU)."""
+    device = jax.local_devices()[0]
+    measured = (device.memory_stats() or {}).get("peak_bytes_in_use")
+    return {
+        "device": f"{device.platform}:{device.device_kind}",
         "measured_peak_bytes": int(measured) if measured is not None else None,
         "measured": "device peak_bytes_in_use" if measured is not None else "host RSS",
         "host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+
+
+def measured_cell(row: dict[str, Any]) -> str:
+    """A row's measured peak in GiB for a table, host RSS labelled as such."""
+    peak = row["measured_peak_bytes"]
+    if peak is not None:
+        return f"{peak / GiB:.2f}"
+    return f"{row['host_rss_bytes'] / GiB:.2f} (host RSS)"
 
 
 def _row_in_fresh_process(spec: str, a: argparse.Namespace) -> dict[str, Any]:
@@ -170,15 +186,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        peak = r["measured_peak_bytes"]
-        shown = (
-            f"{peak / GiB:.2f}"
-            if peak is not None
-            else f"{r['host_rss_bytes'] / GiB:.2f} (host RSS)"
-        )
         lines.append(
             f"| {r['model']} | {r['method']} | {r['base']}, {r['dtype']} | {r['step_ms']:.1f} "
-            f"| {shown} | {r['xla_peak_bytes'] / GiB:.2f} |"
+            f"| {measured_cell(r)} | {r['xla_peak_bytes'] / GiB:.2f} |"
         )
     return "\n".join(lines)
 
