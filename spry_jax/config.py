@@ -141,6 +141,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.client.b2 = 0.999
     c.client.eps = 1e-8
     c.client.weight_decay = 0.01  # AdamW weight decay (masked: untrained units never decay)
+    c.client.momentum = 0.0  # SGD momentum (client.optimizer = "sgd" only); 0 = plain SGD
     c.client.epochs = 1  # local epochs per round
     c.client.batch_size = 8  # local batch size
     c.client.max_steps = 0  # 0 = all steps of the epochs; else a cap on local steps
@@ -298,6 +299,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.server.lr is not None and config.server.lr <= 0:
         raise ConfigError(
             f"server.lr must be > 0 (or unset for the default), got {config.server.lr}"
+        )
+    if not 0.0 <= config.client.momentum < 1.0:
+        raise ConfigError(
+            f"client.momentum must be in [0, 1) (0 = plain SGD), got {config.client.momentum}"
         )
     if config.client.epochs < 1:
         raise ConfigError(f"client.epochs must be >= 1, got {config.client.epochs}")

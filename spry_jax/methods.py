@@ -318,6 +318,12 @@ def build_round_parts(
     resolved = resolved_optimizers(cfg)
     client_name, client_lr = resolved["client.optimizer"], resolved["client.lr"]
     server_name, server_lr = resolved["server.optimizer"], resolved["server.lr"]
+    if cfg.client.momentum and client_name != "sgd":
+        raise ValueError(
+            f"client.momentum={cfg.client.momentum} is SGD's; method={cfg.method!r} resolves "
+            f"client.optimizer to {client_name!r}. Set client.optimizer='sgd' or "
+            "client.momentum=0."
+        )
     round_optimizer = cfg.per_iteration.server_round_optimizer
     server_optimizer = server_lib.with_schedule(
         server_lib.make_server_optimizer(
@@ -345,6 +351,7 @@ def build_round_parts(
             b2=cfg.client.b2,
             eps=cfg.client.eps,
             weight_decay=cfg.client.weight_decay,
+            momentum=cfg.client.momentum,
         ),
         server_optimizer=server_optimizer,
         split=method.split,

@@ -468,6 +468,10 @@ def test_non_eval_rounds_donate_the_state_and_eval_rounds_keep_it():
         ({"data.name": "imagenet"}, "data.name"),
         ({"comm_mode": "per_iteration", "method": "fedavg"}, "comm_mode"),
         ({"fwd.num_tangents": 0}, "fwd.num_tangents"),
+        ({"client.optimizer": "sgd", "client.momentum": 1.0}, "client.momentum"),
+        ({"client.optimizer": "sgd", "client.momentum": -0.5}, "client.momentum"),
+        # momentum is SGD's: the method's AdamW would silently ignore it
+        ({"client.momentum": 0.9}, "client.momentum"),
         ({"server.optimizer": "fedprox"}, "server.optimizer"),
         # Per-iteration's plain form has no round-level optimizer to configure.
         ({"comm_mode": "per_iteration", "server.optimizer": "fedadam"}, "server.optimizer"),

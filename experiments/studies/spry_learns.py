@@ -55,9 +55,11 @@ def get_study(variant: str = ""):
     study = _floor_study()
     if variant == "":
         return study
+    if variant == "wide":
+        return _wide_study(study)
     if variant not in ("long", "long_seeds"):
         raise ValueError(
-            f"unknown spry_learns variant {variant!r}; choose '', 'long' or 'long_seeds'"
+            f"unknown spry_learns variant {variant!r}; choose '', 'long', 'long_seeds' or 'wide'"
         )
     # ``long_seeds``: seeds 2 and 3 of the same 60-round runs, from scratch (a 60-round run
     # equals a 20-round run continued, so these pair with ``long``'s seed 1).
@@ -76,6 +78,43 @@ def get_study(variant: str = ""):
         pairs=study.pairs,
         claims=study.claims,
         name=f"spry_learns:{variant}",
+    )
+
+
+SGD_LRS = [3e-2, 1e-1, 3e-1]
+
+
+def _wide_study(study):
+    """``wide``: the 20-round tuning stage (seed 1) with every AdamW grid extended upward (each
+    20-round choice sat at its grid's top) and plain-SGD clients, Spry and its head-only control
+    alike. The issue's hypothesis: AdamW turns a noisy estimate into a random walk of ~lr per
+    coordinate per step, while SGD's step stays proportional to the jvp (small where the
+    gradient is). The largest AdamW point of each arm repeats the 20-round study's choice, so the
+    two sittings can be compared. A tuning stage: one seed, no verdict."""
+    arms = dict(study.arms)
+    arms["spry_exact"] = Arm(arms["spry_exact"].overrides, grid={"client.lr": [4e-3, 8e-3, 1.6e-2]})
+    arms["head_exact"] = Arm(
+        arms["head_exact"].overrides, grid={"client.lr": [6e-3, 1.2e-2, 2.4e-2]}
+    )
+    arms["fedavg"] = Arm(arms["fedavg"].overrides, grid={"client.lr": [1e-3, 2e-3, 4e-3]})
+    for name in ("spry", "head"):
+        arms[f"{name}_sgd"] = Arm(
+            {**arms[f"{name}_exact"].overrides, "client.optimizer": "sgd"},
+            grid={"client.lr": SGD_LRS},
+        )
+    return Study(
+        base=study.base,
+        overrides=study.overrides,
+        arms=arms,
+        tune_seeds=(1,),
+        seeds=(1,),
+        rounds=study.rounds,
+        pairs=[*study.pairs, ("spry_sgd", "head_sgd"), ("spry_sgd", "spry_exact")],
+        claims=[
+            *study.claims,
+            Claim("SGD clients: Spry's LoRA adds over the head alone", "spry_sgd", "head_sgd", ">"),
+        ],
+        name="spry_learns:wide",
     )
 
 

@@ -42,6 +42,7 @@ def make_client_optimizer(
     Args:
       name: ``adamw`` (default), ``adam`` or ``sgd`` (``client.optimizer``).
       lr: learning rate (``client.lr``), must be > 0.
+      momentum: heavy-ball momentum of ``sgd`` (``client.momentum``); 0 = plain SGD.
     """
     if lr <= 0:
         raise ValueError(f"client.lr must be > 0, got {lr}")

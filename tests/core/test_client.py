@@ -198,3 +198,18 @@ def test_frozen_lora_a_keeps_a_and_its_optimizer_state_through_local_training():
         else:
             assert np.any(np.asarray(out.params[k]) != np.asarray(model.trainable[k])), k
             assert _count(out.opt_state[k]) == STEPS, k
+
+
+def test_sgd_momentum_steps_equal_a_hand_computation():
+    """Heavy-ball SGD (``client.momentum``): t_1 = g_1, t_2 = m t_1 + g_2, step -lr t."""
+    lr, m = 0.1, 0.9
+    opt = C.make_client_optimizer("sgd", lr, momentum=m)
+    w = {"w": jnp.asarray([1.0, -2.0])}
+    g1, g2 = jnp.asarray([0.5, 1.0]), jnp.asarray([-1.0, 2.0])
+    state = opt.init(w)
+    u1, state = opt.update({"w": g1}, state, w)
+    u2, _ = opt.update({"w": g2}, state, w)
+    np.testing.assert_allclose(u1["w"], [-0.05, -0.1], rtol=1e-6)
+    np.testing.assert_allclose(u2["w"], [-0.1 * (0.9 * 0.5 - 1.0), -0.1 * (0.9 + 2.0)], rtol=1e-6)
+    plain, _ = C.make_client_optimizer("sgd", lr).update({"w": g2}, opt.init(w), w)
+    np.testing.assert_allclose(plain["w"], -lr * g2, rtol=1e-6)
