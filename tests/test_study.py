@@ -371,6 +371,8 @@ def test_cli_exits_2_with_one_line_on_a_user_error(tmp_path):
         "experiments/studies/smoke.py",
         "experiments/studies/spry_learns.py",
         "experiments/studies/spry_learns.py:long",
+        "experiments/studies/spry_learns.py:long_seeds",
+        "experiments/studies/spry_learns.py:wide",
         "experiments/studies/paper_cpu.py",
         "experiments/studies/paper_cpu.py:k",
         "experiments/studies/paper_cpu.py:clients",
