@@ -28,6 +28,9 @@ the default, ``rademacher``), ``mM`` for SGD momentum M. E.g.
       --config=experiments/quickstart.py --config.data.val_fraction=0.1 \\
       --arms=exact@1e-3,exact@3e-3,fwd4@1e-3,fwd4@3e-3 --steps=400 --out=runs/lora_progress.json
 
+``--merge=a.json,b.json`` joins the outputs of runs that split the arms of one seed over
+several processes (same probe, seed and steps) and prints their joint table.
+
 Prints one table (per arm: validation loss and accuracy at each eval step, GFLOP per step from
 XLA's cost analysis, exact-equivalent steps) and writes the curves as JSON to ``--out``.
 """
@@ -307,6 +310,30 @@ def _equivalents(results: list[dict], steps: int) -> None:
         r["progress_per_step"] = None if eq is None else eq / steps
 
 
+def merge(results: list[dict]) -> dict:
+    """One result from several runs of the same probe, seed and steps (arms split over
+    processes): the arms in order, a repeated arm once, equivalents recomputed over all."""
+    first = results[0]
+    for r in results[1:]:
+        for field in ("seed", "steps", "adapter_weights", "probe"):
+            if r[field] != first[field]:
+                raise ValueError(
+                    f"cannot merge runs with different {field!r}: {r[field]!r} vs {first[field]!r}"
+                )
+    arms, seen = [], {}
+    for r in results:
+        for arm in r["arms"]:
+            if arm["name"] in seen:
+                if seen[arm["name"]]["curve"] != arm["curve"]:
+                    raise ValueError(f"arm {arm['name']!r} differs between the merged runs")
+                continue
+            seen[arm["name"]] = arm
+            arms.append(dict(arm))
+    out = {**first, "arms": arms}
+    _equivalents(arms, first["steps"])
+    return out
+
+
 def table(result: dict) -> str:
     evals = [p["step"] for p in result["arms"][0]["curve"]]
     head = "| arm | GFLOP/step | " + " | ".join(f"val loss @{s}" for s in evals)
@@ -350,15 +377,23 @@ def _define_flags():
     flags.DEFINE_float("head_lr", 6e-3, "AdamW learning rate of the head probe.")
     flags.DEFINE_integer("seed", 1, "Seed of the batches, dropout and tangents.")
     flags.DEFINE_string("out", "", "JSON output path (optional).")
+    flags.DEFINE_list("merge", [], "Instead of running: merge these output JSONs and print.")
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
-    arms = [parse_arm(a) for a in f.arms]
-    result = run(
-        f.config, arms, f.steps, [int(s) for s in f.eval_at], f.head_steps, f.head_lr, f.seed
-    )
+    if f.merge:
+        parts = []
+        for path in f.merge:
+            with open(path) as fh:
+                parts.append(json.load(fh))
+        result = merge(parts)
+    else:
+        arms = [parse_arm(a) for a in f.arms]
+        result = run(
+            f.config, arms, f.steps, [int(s) for s in f.eval_at], f.head_steps, f.head_lr, f.seed
+        )
     print(table(result))
     if f.out:
         os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)

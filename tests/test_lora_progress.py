@@ -72,6 +72,29 @@ def test_exact_equivalent_steps_interpolate_the_exact_curve():
     assert lp.exact_equivalent_steps(curve, -0.1) == 0.0
 
 
+def test_merged_runs_share_one_exact_reference():
+    probe = {"steps": 1, "lr": 1e-2, "curve": [{"step": 1, "val_loss": 1.0}]}
+
+    def run_of(*arms):
+        return {"seed": 1, "steps": 30, "adapter_weights": 8, "probe": probe, "arms": list(arms)}
+
+    def arm(name, tangents, losses):
+        curve = [{"step": s, "val_loss": v} for s, v in zip((0, 10, 30), losses, strict=True)]
+        return {"name": name, "tangents": tangents, "curve": curve}
+
+    exact = arm("exact@1e-3", 0, (1.0, 0.9, 0.6))
+    a = run_of(exact, arm("fwd4@1e-3", 4, (1.0, 0.99, 0.95)))
+    b = run_of(exact, arm("fwd1@1e-3", 1, (1.0, 1.0, 0.9)))
+    got = lp.merge([a, b])
+    assert [r["name"] for r in got["arms"]] == ["exact@1e-3", "fwd4@1e-3", "fwd1@1e-3"]
+    eq = {r["name"]: r["exact_equivalent_steps"] for r in got["arms"]}
+    assert eq == pytest.approx({"exact@1e-3": 30.0, "fwd4@1e-3": 5.0, "fwd1@1e-3": 10.0})
+    with pytest.raises(ValueError, match="seed"):
+        lp.merge([a, {**b, "seed": 2}])
+    with pytest.raises(ValueError, match="differs"):
+        lp.merge([a, run_of(arm("exact@1e-3", 0, (1.0, 0.8, 0.6)))])
+
+
 def test_one_exact_sgd_step_equals_jax_grad_and_masked_leaves_stay():
     exp = train.build_experiment(_config())
     params = exp.model.trainable
