@@ -305,9 +305,19 @@ def _equivalents(results: list[dict], steps: int) -> None:
     for r in results:
         drop = r["curve"][0]["val_loss"] - r["curve"][-1]["val_loss"]
         eq = exact_equivalent_steps(best["curve"], drop)
+        r["val_loss_drop"] = drop
         r["exact_reference"] = best["name"]
         r["exact_equivalent_steps"] = eq
         r["progress_per_step"] = None if eq is None else eq / steps
+
+
+def _timeless(x):
+    """``x`` without its wall-clock fields (they differ between runs of the same numbers)."""
+    if isinstance(x, dict):
+        return {k: _timeless(v) for k, v in x.items() if k != "wall_s"}
+    if isinstance(x, list):
+        return [_timeless(v) for v in x]
+    return x
 
 
 def merge(results: list[dict]) -> dict:
@@ -316,7 +326,7 @@ def merge(results: list[dict]) -> dict:
     first = results[0]
     for r in results[1:]:
         for field in ("seed", "steps", "adapter_weights", "probe"):
-            if r[field] != first[field]:
+            if _timeless(r[field]) != _timeless(first[field]):
                 raise ValueError(
                     f"cannot merge runs with different {field!r}: {r[field]!r} vs {first[field]!r}"
                 )
@@ -324,7 +334,7 @@ def merge(results: list[dict]) -> dict:
     for r in results:
         for arm in r["arms"]:
             if arm["name"] in seen:
-                if seen[arm["name"]]["curve"] != arm["curve"]:
+                if _timeless(seen[arm["name"]]["curve"]) != _timeless(arm["curve"]):
                     raise ValueError(f"arm {arm['name']!r} differs between the merged runs")
                 continue
             seen[arm["name"]] = arm
@@ -337,8 +347,10 @@ def merge(results: list[dict]) -> dict:
 def table(result: dict) -> str:
     evals = [p["step"] for p in result["arms"][0]["curve"]]
     head = "| arm | GFLOP/step | " + " | ".join(f"val loss @{s}" for s in evals)
-    head += " | val acc (start -> end) | exact-equivalent steps (per step) |"
-    lines = [head, "|" + "---|" * (len(evals) + 4)]
+    head += (
+        " | lowest val loss (step) | val acc (start -> end) | exact-equivalent steps (per step) |"
+    )
+    lines = [head, "|" + "---|" * (len(evals) + 5)]
     for r in result["arms"]:
         c = r["curve"]
         eq = r.get("exact_equivalent_steps")
@@ -354,6 +366,7 @@ def table(result: dict) -> str:
         lines.append(
             f"| {r['name']} | {r['flops_per_step'] / 1e9:.2f} | "
             + " | ".join(f"{p['val_loss']:.4f}" for p in c)
+            + " | {val_loss:.4f} ({step})".format(**min(c, key=lambda p: p["val_loss"]))
             + f" | {c[0]['val_accuracy']:.4f} -> {c[-1]['val_accuracy']:.4f} | {eq_s} |"
         )
     p = result["probe"]["curve"]

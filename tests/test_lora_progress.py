@@ -85,6 +85,8 @@ def test_merged_runs_share_one_exact_reference():
     exact = arm("exact@1e-3", 0, (1.0, 0.9, 0.6))
     a = run_of(exact, arm("fwd4@1e-3", 4, (1.0, 0.99, 0.95)))
     b = run_of(exact, arm("fwd1@1e-3", 1, (1.0, 1.0, 0.9)))
+    # the same numbers from another process differ only in their wall-clock fields
+    b["probe"] = {**probe, "curve": [{**probe["curve"][0], "wall_s": 9.0}]}
     got = lp.merge([a, b])
     assert [r["name"] for r in got["arms"]] == ["exact@1e-3", "fwd4@1e-3", "fwd1@1e-3"]
     eq = {r["name"]: r["exact_equivalent_steps"] for r in got["arms"]}
