@@ -357,6 +357,8 @@ def table(result: dict) -> str:
         eq_s = (
             "n/a"
             if "exact_equivalent_steps" not in r
+            else "0 (no drop: the loss rose)"
+            if r.get("val_loss_drop", 1.0) <= 0
             else (
                 f"> {result['steps']} (not reached)"
                 if eq is None
