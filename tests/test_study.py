@@ -334,6 +334,39 @@ def test_a_changed_study_does_not_reuse_or_overwrite_a_cell(smoke, tmp_path):
         runner.cell_status(cell, str(copy))
 
 
+def test_a_cell_another_process_is_running_is_refused(tmp_path):
+    """Two processes writing one cell interleave its metrics.jsonl (seen when a study file was
+    edited under running workers): the second is refused while the first holds the lock."""
+    study = load_study(SMOKE)
+    cell = tune_cells(study)[0]
+    root = str(tmp_path)
+    with runner.cell_lock(cell, root):
+        with pytest.raises(StudyError, match="being run by another process"):
+            runner.run_cell(cell, root)
+        with pytest.raises(StudyError, match="being run by another process"):
+            run_study(study, root, stage="tune", cell_index=0, progress=False)
+    assert not os.path.exists(os.path.join(root, cell.workdir, "metrics.jsonl"))
+    with runner.cell_lock(cell, root):  # released: it can be taken again
+        pass
+
+
+def test_a_worker_whose_cell_index_moved_is_refused(tmp_path):
+    """A worker re-reads the study file; if it was edited (a grid point added), index i names
+    another cell, and the worker must not run it."""
+    study = load_study(SMOKE)
+    cells = tune_cells(study)
+    with pytest.raises(StudyError, match="the study file changed"):
+        run_study(
+            study,
+            str(tmp_path),
+            stage="tune",
+            cell_index=0,
+            progress=False,
+            expect_workdir=cells[1].workdir,
+        )
+    assert not os.path.exists(tmp_path / cells[0].workdir)
+
+
 def test_study_errors_name_the_fault():
     base = {"base": "experiments/smoke.py", "overrides": {"data.val_fraction": 0.25}}
     with pytest.raises(StudyError, match="unknown config key 'client.lrr'"):

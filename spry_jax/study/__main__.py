@@ -43,6 +43,12 @@ _CELL_ENV = flags.DEFINE_string(
     "Read --cell_index from this environment variable (a job array's task index, e.g. "
     "SLURM_ARRAY_TASK_ID; indices count from 0, so submit --array=0-<N-1>).",
 )
+_CELL_WORKDIR = flags.DEFINE_string(
+    "cell_workdir",
+    None,
+    "With --cell_index: the workdir that cell must have (the --workers runner passes it, so a "
+    "study file edited while it runs is refused instead of running the wrong cell).",
+)
 _WORKERS = flags.DEFINE_integer(
     "workers",
     1,
@@ -117,6 +123,7 @@ def main(argv):
             workers=_WORKERS.value,
             study_path=_STUDY.value,
             worker_args=[] if _XLA_CACHE.value else ["--noxla_cache"],
+            expect_workdir=_CELL_WORKDIR.value,
         )
     except UserError as e:  # StudyError, ConfigError, DataError, checkpoint and memory refusals
         print(f"spry_jax.study: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -13,7 +13,9 @@ cell's resolved config; an unfinished cell resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -248,18 +250,48 @@ def select(study: Study, root: str) -> dict[str, Point]:
     return chosen
 
 
+@contextlib.contextmanager
+def cell_lock(cell: Cell, root: str):
+    """Holds ``DIR/locks/<cell>.lock`` exclusively while a process runs ``cell``.
+
+    Two processes writing one cell's directory interleave its metrics and checkpoints (a
+    worker started from an edited study file, or a job-array task submitted twice, would do
+    it); the second one is refused instead. The lock is the operating system's (``flock``), so
+    a killed process leaves no stale lock behind.
+    """
+    lock_dir = os.path.join(root, "locks")
+    os.makedirs(lock_dir, exist_ok=True)
+    path = os.path.join(lock_dir, cell.workdir.replace("/", "__") + ".lock")
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StudyError(
+                f"cell {cell.label} is being run by another process (it holds {path}); two "
+                "processes must never write one cell: wait for it, or stop it and rerun"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_cell(cell: Cell, root: str) -> str:
-    """Runs (or resumes) one cell with :func:`spry_jax.train.train_and_evaluate`; returns its
-    status afterwards. A run that stops on non-finite values is recorded in ``failed.json``."""
+    """Runs (or resumes) one cell with :func:`spry_jax.train.train_and_evaluate` under its
+    :func:`cell_lock`; returns its status afterwards. A run that stops on non-finite values is
+    recorded in ``failed.json``."""
     from spry_jax import train  # local: JAX-heavy
 
     path = os.path.join(root, cell.workdir)
-    try:
-        train.train_and_evaluate(cell.config, path)
-    except FloatingPointError as e:
-        logging.warning("%s stopped: %s", cell.label, e)
-        metrics_lib.write_json_atomic(os.path.join(path, "failed.json"), {"error": str(e)})
-        return FAILED
+    with cell_lock(cell, root):
+        if is_finished(cell_status(cell, root)):  # finished by another process meanwhile
+            return cell_status(cell, root)
+        try:
+            train.train_and_evaluate(cell.config, path)
+        except FloatingPointError as e:
+            logging.warning("%s stopped: %s", cell.label, e)
+            metrics_lib.write_json_atomic(os.path.join(path, "failed.json"), {"error": str(e)})
+            return FAILED
     return DONE
 
 
@@ -331,6 +363,9 @@ def run_cells_in_workers(
                     f"--workdir={root}",
                     f"--stage={stage}",
                     f"--cell_index={i}",
+                    # the worker re-reads the study file: it checks that index i is still this
+                    # cell (an edited file shifts the indices)
+                    f"--cell_workdir={cells[i].workdir}",
                     *extra_args,
                 ]
                 log = open(log_path, "w")  # noqa: SIM115 (closed when the worker ends)
@@ -387,6 +422,7 @@ def run_study(
     workers: int = 1,
     study_path: str | None = None,
     worker_args: Sequence[str] = (),
+    expect_workdir: str | None = None,
 ) -> dict[str, Any] | None:
     """Runs a study in ``root``: the unfinished cells of the stage, then (stage "all" or
     "report") writes results.json, report.md and the plots and returns the results.
@@ -405,6 +441,9 @@ def run_study(
         (:func:`run_cells_in_workers`; needs ``study_path``), then select and report here.
       study_path: the study file, for the workers' command line.
       worker_args: further flags for the workers (e.g. ``--noxla_cache``).
+      expect_workdir: with ``cell_index``, the workdir that cell must have (the workers'
+        ``--cell_workdir``); a different one means the study file changed since the caller
+        listed its cells, and the cell is refused.
     """
     from tqdm.auto import tqdm
 
@@ -427,6 +466,12 @@ def run_study(
         cells = stage_cells(study, root, stage)
         if not 0 <= cell_index < len(cells):
             raise StudyError(f"--cell_index={cell_index} is outside 0..{len(cells) - 1}")
+        if expect_workdir is not None and cells[cell_index].workdir != expect_workdir:
+            raise StudyError(
+                f"--cell_index={cell_index} is now cell {cells[cell_index].workdir}, not "
+                f"{expect_workdir}: the study file changed since the study started; rerun the "
+                "study command (finished cells are kept, the others run)"
+            )
         run_cells([cells[cell_index]], root, on_done=on_cell_done)
         return None
     runs_tune, runs_final = stage in ("all", "tune"), stage in ("all", "final")
