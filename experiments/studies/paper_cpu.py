@@ -19,7 +19,7 @@ gradients, zero-order), on seed 1, and the choice is run with seeds 1, 2, 3 (see
 run is reused). Each variant resumes where it stopped. Not run yet; the first sizing (~3 h for all five
 variants) was wrong: the methods variant alone has 56 cells, and Baffle+ (20 forwards per local
 step) and FwdLLM+ (40) cost ~35 and ~70 min per 10-round cell on one core of the 2-core CPU
-(docs/spry_learns.md, section 7).
+(docs/spry_learns.md, section 8).
 
 Arms beyond the paper (extensions, documented in docs/spry_learns.md): ``spry_exact`` (the
 head's exact gradient by forward mode, K = 4) and ``spry_fa`` (the same with LoRA A frozen).
