@@ -17,7 +17,9 @@ ratio directly, without the federated noise (client sampling, label skew, one un
    at the ``--eval_at`` steps. A forward arm's *exact-equivalent steps* are the steps the exact
    arm at the same-family best learning rate needed to reach the forward arm's final
    validation-loss drop (interpolated on its curve); their ratio to the forward arm's steps is
-   the fraction of an exact step's progress one forward step bought.
+   the fraction of an exact step's progress one forward step bought. The exact curve is not
+   always monotone (AdamW spikes at some learning rates and seeds), which makes this figure
+   jumpy: read it beside the curves and the plain loss drops.
 
 Arms: ``NAME@LR`` with NAME ``exact`` or ``fwdK`` and optional ``:`` modifiers: a client
 optimizer (``adamw``, the default, ``adam``, ``sgd``), a tangent distribution (``gaussian``,
