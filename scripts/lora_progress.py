@@ -23,7 +23,8 @@ ratio directly, without the federated noise (client sampling, label skew, one un
 
 Arms: ``NAME@LR`` with NAME ``exact`` or ``fwdK`` and optional ``:`` modifiers: a client
 optimizer (``adamw``, the default, ``adam``, ``sgd``), a tangent distribution (``gaussian``,
-the default, ``rademacher``), ``mM`` for SGD momentum M. E.g.
+the default, ``rademacher``), a schedule (``constant``, the default, or ``cosine``: the lr
+decays to 0 over the arm's steps), ``mM`` for SGD momentum M. E.g.
 ``--arms=exact@1e-3,fwd4@3e-3,fwd4:sgd@0.1,fwd4:rademacher@3e-3``.
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python scripts/lora_progress.py \\
@@ -47,6 +48,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -66,6 +68,7 @@ class ArmSpec:
     optimizer: str = "adamw"
     distribution: str = "gaussian"
     momentum: float = 0.0
+    schedule: str = "constant"  # or "cosine": the lr decays to 0 over the arm's steps
 
     @property
     def family(self) -> str:
@@ -95,17 +98,34 @@ def parse_arm(text: str) -> ArmSpec:
             kw["optimizer"] = m
         elif m in est_lib.TANGENT_DISTRIBUTIONS:
             kw["distribution"] = m
+        elif m in ("constant", "cosine"):
+            kw["schedule"] = m
         elif m.startswith("m"):
             kw["momentum"] = float(m[1:])
         else:
             raise ValueError(
                 f"arm {text!r}: unknown modifier {m!r}; use an optimizer "
-                f"{client_lib.CLIENT_OPTIMIZERS}, a distribution {est_lib.TANGENT_DISTRIBUTIONS}"
-                " or mM (SGD momentum)"
+                f"{client_lib.CLIENT_OPTIMIZERS}, a distribution {est_lib.TANGENT_DISTRIBUTIONS},"
+                " a schedule (constant, cosine) or mM (SGD momentum)"
             )
     if kw.get("momentum") and kw.get("optimizer") != "sgd":
         raise ValueError(f"arm {text!r}: momentum is SGD's; add ':sgd'")
     return ArmSpec(name=text.strip(), lr=lr_value, tangents=tangents, **kw)
+
+
+def arm_optimizer(arm: ArmSpec, weight_decay: float, steps: int):
+    """The client optimizer of ``arm`` (``core.client.make_client_optimizer``); with the
+    ``cosine`` schedule its update is scaled by ``optax.cosine_decay_schedule(lr, steps)``
+    (the optimizer built at lr 1, so AdamW's weight decay is scaled with it, as
+    ``optax.adamw(schedule)`` does)."""
+    if arm.schedule == "constant":
+        return client_lib.make_client_optimizer(
+            arm.optimizer, arm.lr, weight_decay=weight_decay, momentum=arm.momentum
+        )
+    base = client_lib.make_client_optimizer(
+        arm.optimizer, 1.0, weight_decay=weight_decay, momentum=arm.momentum
+    )
+    return optax.chain(base, optax.scale_by_schedule(optax.cosine_decay_schedule(arm.lr, steps)))
 
 
 def pooled_batches(exp, steps: int, seed: int) -> dict[str, np.ndarray]:
@@ -266,9 +286,7 @@ def run(
                 num_tangents=arm.tangents, sigma=config.fwd.sigma, distribution=arm.distribution
             )
         )
-        opt = client_lib.make_client_optimizer(
-            arm.optimizer, arm.lr, weight_decay=config.client.weight_decay, momentum=arm.momentum
-        )
+        opt = arm_optimizer(arm, config.client.weight_decay, steps)
         _, curve, flops = train_arm(
             exp, probe, estimator, opt, mask_of(set(adapters)), batches, arm_key, eval_at, score
         )

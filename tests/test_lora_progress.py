@@ -12,6 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from experiments import smoke
@@ -57,6 +58,31 @@ def test_arm_grammar_and_its_errors():
     ]:
         with pytest.raises(ValueError, match=match):
             lp.parse_arm(bad)
+
+
+def test_cosine_arm_scales_each_step_by_the_decayed_lr():
+    """SGD with the cosine schedule over 2 steps: step 0 at lr, step 1 at lr (1 + cos(pi/2)) / 2;
+    AdamW's weight decay is scaled with the lr, as optax.adamw(schedule) does."""
+    arm = lp.parse_arm("exact:sgd:cosine@0.4")
+    assert arm.schedule == "cosine"
+    opt = lp.arm_optimizer(arm, weight_decay=0.0, steps=2)
+    w, g = jnp.asarray([1.0, -1.0]), jnp.asarray([0.5, 2.0])
+    state = opt.init(w)
+    u0, state = opt.update(g, state, w)
+    u1, _ = opt.update(g, state, w)
+    np.testing.assert_allclose(u0, -0.4 * g, rtol=1e-6)
+    np.testing.assert_allclose(u1, -0.2 * g, rtol=1e-6)
+    adam = lp.arm_optimizer(lp.parse_arm("exact:cosine@1e-2"), weight_decay=0.1, steps=4)
+    want = optax.adamw(optax.cosine_decay_schedule(1e-2, 4), weight_decay=0.1)
+    sa, sw = adam.init(w), want.init(w)
+    for _ in range(3):
+        ua, sa = adam.update(g, sa, w)
+        uw, sw = want.update(g, sw, w)
+        np.testing.assert_allclose(ua, uw, rtol=1e-6)
+    constant = lp.arm_optimizer(lp.parse_arm("exact:sgd@0.4"), weight_decay=0.0, steps=2)
+    c_state = constant.init(w)
+    _, c_state = constant.update(g, c_state, w)
+    np.testing.assert_allclose(constant.update(g, c_state, w)[0], -0.4 * g, rtol=1e-6)
 
 
 def test_exact_equivalent_steps_interpolate_the_exact_curve():
