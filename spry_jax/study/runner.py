@@ -270,10 +270,7 @@ def cell_lock(cell: Cell, root: str):
                 f"cell {cell.label} is being run by another process (it holds {path}); two "
                 "processes must never write one cell: wait for it, or stop it and rerun"
             ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield  # closing the file releases the lock
 
 
 def run_cell(cell: Cell, root: str) -> str:
@@ -284,8 +281,9 @@ def run_cell(cell: Cell, root: str) -> str:
 
     path = os.path.join(root, cell.workdir)
     with cell_lock(cell, root):
-        if is_finished(cell_status(cell, root)):  # finished by another process meanwhile
-            return cell_status(cell, root)
+        status = cell_status(cell, root)
+        if is_finished(status):  # finished by another process meanwhile
+            return status
         try:
             train.train_and_evaluate(cell.config, path)
         except FloatingPointError as e:
